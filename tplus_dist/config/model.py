@@ -1,0 +1,234 @@
+"""The decoder's architecture: every Transformer++ choice is one field here."""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+from typing import Literal
+
+from tplus_dist.config.base import check
+
+NormKind = Literal["layernorm", "rmsnorm"]
+NormPlacement = Literal["pre", "post", "sandwich"]
+PositionKind = Literal["learned", "sinusoidal", "rope", "alibi", "none"]
+QKNormKind = Literal["none", "rmsnorm", "layernorm"]
+Activation = Literal["gelu", "gelu_tanh", "relu", "silu", "swiglu", "geglu", "geglu_tanh", "reglu"]
+GATED_ACTIVATIONS = ("swiglu", "geglu", "geglu_tanh", "reglu")
+BlockKind = Literal["serial", "parallel"]
+InitKind = Literal["gpt2", "t5", "mup"]
+LayerAttention = Literal["global", "local"]
+
+
+@dataclass
+class ModelConfig:
+    """Architecture of a decoder-only Transformer++.
+
+    Defaults are a small Llama-style model. ``None`` means "derived" (see the properties below).
+    """
+
+    # -- sizes
+    vocab_size: int = 32000
+    """Tokenizer vocabulary; the embedding is padded up to ``pad_vocab_multiple``."""
+    pad_vocab_multiple: int = 64
+    """Pad the embedding rows to a multiple of this (64/128 keep matmuls tensor-core shaped)."""
+    n_layers: int = 12
+    d_model: int = 768
+    n_heads: int = 12
+    n_kv_heads: int | None = None
+    """Key/value heads: = n_heads is MHA, a divisor is GQA, 1 is MQA. None: n_heads."""
+    head_dim: int | None = None
+    """None: d_model // n_heads."""
+    d_ff: int | None = None
+    """None: 4 * d_model, or 8/3 * d_model rounded up to ``d_ff_multiple`` for gated MLPs."""
+    d_ff_multiple: int = 256
+    seq_len: int = 2048
+    """Longest context the model is built for (learned/sinusoidal tables, masks)."""
+
+    # -- normalization
+    norm: NormKind = "rmsnorm"
+    norm_eps: float = 1e-5
+    norm_bias: bool = False
+    """LayerNorm bias; RMSNorm never has one."""
+    norm_placement: NormPlacement = "pre"
+    """pre: x + f(norm(x)) (GPT-2, Llama). post: norm(x + f(x)) (original Transformer).
+    sandwich: x + norm(f(norm(x))) (Gemma 2)."""
+    embed_norm: bool = False
+    """LayerNorm right after the embedding (BLOOM)."""
+    final_norm: bool = True
+    norm_unit_offset: bool = False
+    """Store the norm gain as (weight - 1), i.e. scale by (1 + w), as Gemma does; same function."""
+
+    # -- positions
+    position: PositionKind = "rope"
+    rope_theta: float = 10000.0
+    rope_fraction: float = 1.0
+    """Fraction of head_dim rotated by RoPE (GPT-NeoX, Phi use partial rotary)."""
+
+    # -- attention
+    qk_norm: QKNormKind = "none"
+    """Normalize queries and keys over head_dim before the dot product (OLMo 2, Qwen 3, Gemma 3)."""
+    softmax_scale: float | None = None
+    """None: 1/sqrt(head_dim), or 1 under T5 init, or 1/head_dim under muP."""
+    attn_softcap: float | None = None
+    """Soft-cap attention logits: cap * tanh(x / cap) (Gemma 2: 50)."""
+    softmax_off_by_one: bool = False
+    """exp(x_i) / (1 + sum_j exp(x_j)): heads may attend to nothing (Miller 2023)."""
+    sliding_window: int | None = None
+    """Window (tokens, including the current one) of the layers marked "local"."""
+    layer_pattern: list[LayerAttention] = field(default_factory=lambda: ["global"])
+    """Repeated over the layers: ["local"] is all-local (Mistral), ["local", "global"] alternates (Gemma 2)."""
+
+    # -- feed-forward
+    activation: Activation = "swiglu"
+
+    # -- biases
+    linear_bias: bool = False
+    """Biases on every linear (GPT-2 has them; no bias is a bit better and faster)."""
+
+    # -- block
+    block: BlockKind = "serial"
+    """parallel: x + attn(norm(x)) + mlp(norm(x)) with one norm (GPT-J, PaLM)."""
+
+    # -- embeddings
+    tie_embeddings: bool = False
+    embed_scale: bool = False
+    """Multiply embeddings by sqrt(d_model) (ESPnet, Gemma)."""
+    output_logit_scale: bool = False
+    """Multiply logits by 1/sqrt(d_model); needs tie_embeddings (PaLM)."""
+
+    # -- initialization
+    init: InitKind = "gpt2"
+    init_std: float = 0.02
+    mup_base_d_model: int = 256
+    """muP: the width the hyper-parameters were tuned at; width_mult = d_model / this."""
+    mup_output_mult: float = 1.0
+    """muP: output logits are multiplied by mup_output_mult / width_mult."""
+
+    # -- loss
+    z_loss: float = 0.0
+    """Coefficient of log(Z)^2 (PaLM: 1e-4); keeps the softmax normalizer near 1."""
+    final_logit_softcap: float | None = None
+    """Soft-cap the output logits: cap * tanh(x / cap) (Gemma 2: 30)."""
+    ignore_index: int = -100
+
+    # -- dropout (0: pretraining on deduplicated data does not need it)
+    embed_dropout: float = 0.0
+    attn_dropout: float = 0.0
+    resid_dropout: float = 0.0
+
+    # ---------------------------------------------------------------- derived
+    @property
+    def kv_heads(self) -> int:
+        return self.n_kv_heads if self.n_kv_heads is not None else self.n_heads
+
+    @property
+    def dim_head(self) -> int:
+        return self.head_dim if self.head_dim is not None else self.d_model // self.n_heads
+
+    @property
+    def gated(self) -> bool:
+        return self.activation in GATED_ACTIVATIONS
+
+    @property
+    def ffn_dim(self) -> int:
+        if self.d_ff is not None:
+            return self.d_ff
+        if self.gated:  # 8/3 keeps the parameter count of a 4x ungated MLP (Shazeer 2020)
+            m = self.d_ff_multiple
+            return m * math.ceil(8 * self.d_model / 3 / m)
+        return 4 * self.d_model
+
+    @property
+    def padded_vocab_size(self) -> int:
+        m = self.pad_vocab_multiple
+        return m * math.ceil(self.vocab_size / m)
+
+    @property
+    def rope_dim(self) -> int:
+        """Rotated dimensions per head (even)."""
+        return 2 * int(self.dim_head * self.rope_fraction // 2)
+
+    @property
+    def width_mult(self) -> float:
+        return self.d_model / self.mup_base_d_model if self.init == "mup" else 1.0
+
+    @property
+    def attn_scale(self) -> float:
+        if self.softmax_scale is not None:
+            return self.softmax_scale
+        if self.init == "t5":  # Mesh-TF folds 1/sqrt(d_k) into the q initialization
+            return 1.0
+        if self.init == "mup":  # muP: 1/d keeps attention logits O(1) as width grows
+            return 1.0 / self.dim_head
+        return 1.0 / math.sqrt(self.dim_head)
+
+    def layer_is_local(self, layer: int) -> bool:
+        return self.sliding_window is not None and self.layer_pattern[layer % len(self.layer_pattern)] == "local"
+
+    # ------------------------------------------------------------- validation
+    def validate(self, prefix: str = "model") -> None:
+        p = prefix + "."
+        for name in ("vocab_size", "pad_vocab_multiple", "n_layers", "d_model", "n_heads", "seq_len", "d_ff_multiple"):
+            check(getattr(self, name) > 0, p + name, f"must be positive, got {getattr(self, name)}")
+        check(self.n_kv_heads is None or self.n_kv_heads > 0, p + "n_kv_heads", f"must be positive, got {self.n_kv_heads}")
+        check(
+            self.n_heads % self.kv_heads == 0,
+            p + "n_kv_heads",
+            f"n_heads ({self.n_heads}) must be divisible by n_kv_heads ({self.kv_heads})",
+        )
+        if self.head_dim is None:
+            check(
+                self.d_model % self.n_heads == 0,
+                p + "n_heads",
+                f"d_model ({self.d_model}) must be divisible by n_heads ({self.n_heads}), or set head_dim",
+            )
+        else:
+            check(self.head_dim > 0, p + "head_dim", f"must be positive, got {self.head_dim}")
+        check(self.d_ff is None or self.d_ff > 0, p + "d_ff", f"must be positive, got {self.d_ff}")
+        check(self.norm_eps > 0, p + "norm_eps", f"must be positive, got {self.norm_eps}")
+        if self.position == "rope":
+            check(0 < self.rope_fraction <= 1, p + "rope_fraction", f"must be in (0, 1], got {self.rope_fraction}")
+            check(self.rope_theta > 0, p + "rope_theta", f"must be positive, got {self.rope_theta}")
+            check(
+                self.dim_head % 2 == 0,
+                p + "head_dim",
+                f"RoPE rotates pairs of dimensions, so head_dim must be even, got {self.dim_head}",
+            )
+            check(self.rope_dim > 0, p + "rope_fraction", "rotates no dimension of head_dim")
+        if self.position == "sinusoidal":
+            check(self.d_model % 2 == 0, p + "d_model", "sinusoidal positions need an even d_model")
+        check(self.softmax_scale is None or self.softmax_scale > 0, p + "softmax_scale", "must be positive")
+        for name in ("attn_softcap", "final_logit_softcap"):
+            v = getattr(self, name)
+            check(v is None or v > 0, p + name, f"must be positive (or null to disable), got {v}")
+        check(len(self.layer_pattern) > 0, p + "layer_pattern", "must name at least one layer kind")
+        if self.sliding_window is not None:
+            check(self.sliding_window > 0, p + "sliding_window", f"must be positive, got {self.sliding_window}")
+            check(
+                self.sliding_window <= self.seq_len,
+                p + "sliding_window",
+                f"window ({self.sliding_window}) is longer than the context seq_len ({self.seq_len})",
+            )
+            check(
+                "local" in self.layer_pattern,
+                p + "layer_pattern",
+                "sliding_window is set but no layer is marked 'local'",
+            )
+        else:
+            check(
+                "local" not in self.layer_pattern,
+                p + "sliding_window",
+                "layer_pattern marks layers 'local' but sliding_window is not set",
+            )
+        check(
+            not self.output_logit_scale or self.tie_embeddings,
+            p + "output_logit_scale",
+            "the 1/sqrt(d_model) logit scale is for tied embeddings; set tie_embeddings: true",
+        )
+        check(self.init_std > 0, p + "init_std", f"must be positive, got {self.init_std}")
+        if self.init == "mup":
+            check(self.mup_base_d_model > 0, p + "mup_base_d_model", "must be positive")
+        check(self.z_loss >= 0, p + "z_loss", f"must be >= 0, got {self.z_loss}")
+        for name in ("embed_dropout", "attn_dropout", "resid_dropout"):
+            v = getattr(self, name)
+            check(0 <= v < 1, p + name, f"must be in [0, 1), got {v}")

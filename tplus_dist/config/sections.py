@@ -1,0 +1,150 @@
+"""Sections other than the model: optimizer, schedule, data, training loop, precision, logging."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Literal
+
+from tplus_dist.config.base import check
+
+
+@dataclass
+class OptimConfig:
+    """Optimizer recipe. Defaults are the GPT-3 / Llama recipe."""
+
+    name: Literal["adamw", "adafactor", "soap"] = "adamw"
+    lr: float = 3e-4
+    """Peak learning rate (under muP: the base-width rate; hidden matrices get lr / width_mult)."""
+    betas: tuple[float, float] = (0.9, 0.95)
+    """0.95 rather than 0.999: faster adaptation, fewer loss spikes at scale."""
+    eps: float = 1e-8
+    weight_decay: float = 0.1
+    """Applied to tensors of 2+ dimensions (matrices, embeddings) only; never to norms or biases."""
+    weight_decay_schedule: Literal["constant", "lr_squared"] = "constant"
+    """lr_squared: decoupled decay of lr(t)^2 per step, PaLM's dynamic weight decay (ignores weight_decay)."""
+    grad_clip: float = 1.0
+    """Clip the global gradient L2 norm to this (0 disables). The norm is logged before clipping."""
+    # Adafactor (Shazeer & Stern 2018, as PaLM ran it)
+    adafactor_decay_rate: float = 0.8
+    """Second-moment decay 1 - t^-decay_rate."""
+    adafactor_clip_threshold: float = 1.0
+    adafactor_scale_parameter: bool = True
+    """Scale the step by max(eps2, RMS(param)): parameter-scaled learning rates, as in PaLM."""
+    adafactor_momentum: float | None = 0.9
+    """First moment (PaLM used 0.9); None disables it and saves memory."""
+    # SOAP (Vyas et al. 2024)
+    soap_precondition_frequency: int = 10
+    soap_shampoo_beta: float = 0.95
+    soap_max_precond_dim: int = 4096
+    """Dimensions larger than this are not preconditioned (identity); bounds memory."""
+
+    def validate(self, prefix: str = "optim") -> None:
+        p = prefix + "."
+        check(self.lr > 0, p + "lr", f"must be positive, got {self.lr}")
+        check(all(0 <= b < 1 for b in self.betas), p + "betas", f"each must be in [0, 1), got {list(self.betas)}")
+        check(self.eps > 0, p + "eps", f"must be positive, got {self.eps}")
+        check(self.weight_decay >= 0, p + "weight_decay", f"must be >= 0, got {self.weight_decay}")
+        check(self.grad_clip >= 0, p + "grad_clip", f"must be >= 0 (0 disables), got {self.grad_clip}")
+        check(self.adafactor_decay_rate > 0, p + "adafactor_decay_rate", "must be positive")
+        check(self.soap_precondition_frequency > 0, p + "soap_precondition_frequency", "must be positive")
+
+
+@dataclass
+class ScheduleConfig:
+    """Learning-rate schedule. Counted in optimizer steps."""
+
+    name: Literal["cosine", "wsd", "constant"] = "cosine"
+    """cosine: linear warmup then cosine to min_lr. wsd: warmup, stable, then decay (MiniCPM).
+    constant: warmup then flat."""
+    warmup_steps: int = 100
+    decay_steps: int | None = None
+    """Steps from the start to the end of decay. None: train.steps."""
+    min_lr: float = 1e-5
+    """The floor the decay ends on."""
+    wsd_decay_fraction: float = 0.2
+    """wsd: the last fraction of decay_steps that decays (linearly) to min_lr."""
+
+    def validate(self, prefix: str = "schedule") -> None:
+        p = prefix + "."
+        check(self.warmup_steps >= 0, p + "warmup_steps", f"must be >= 0, got {self.warmup_steps}")
+        check(self.decay_steps is None or self.decay_steps > 0, p + "decay_steps", "must be positive")
+        check(self.min_lr >= 0, p + "min_lr", f"must be >= 0, got {self.min_lr}")
+        check(0 < self.wsd_decay_fraction <= 1, p + "wsd_decay_fraction", "must be in (0, 1]")
+
+
+@dataclass
+class DataConfig:
+    """Training text and tokenizer."""
+
+    source: str = "builtin:pydoc"
+    """builtin:pydoc (Python's own documentation, ~460 KB of English that every Python carries),
+    or a path/glob of .txt files."""
+    tokenizer: str = "bytes"
+    """bytes (byte-level, 256 ids + EOS), train:N (byte-level BPE of N tokens trained on the source
+    with the tokenizers library), or a path to a tokenizer.json."""
+    val_fraction: float = 0.05
+    """Held-out tail of the corpus for the validation loss."""
+
+    def validate(self, prefix: str = "data") -> None:
+        p = prefix + "."
+        check(0 < self.val_fraction < 1, p + "val_fraction", f"must be in (0, 1), got {self.val_fraction}")
+        if self.tokenizer.startswith("train:"):
+            n = self.tokenizer.split(":", 1)[1]
+            check(n.isdigit() and int(n) > 257, p + "tokenizer", f"train:N needs an integer N > 257, got {n!r}")
+        check(bool(self.source), p + "source", "must name a corpus")
+
+
+@dataclass
+class TrainConfig:
+    """The training loop."""
+
+    steps: int = 1000
+    """Optimizer steps."""
+    micro_batch_size: int = 8
+    """Sequences per forward/backward."""
+    grad_accum: int = 1
+    """Micro-batches per optimizer step; global batch = micro_batch_size * grad_accum (x data-parallel)."""
+    seq_len: int | None = None
+    """Training sequence length. None: model.seq_len."""
+    seed: int = 1234
+    device: Literal["auto", "cpu", "cuda"] = "auto"
+    eval_interval: int = 100
+    """Steps between validation-loss evaluations (0 disables)."""
+    eval_batches: int = 8
+    log_interval: int = 10
+    """Steps between console lines (metrics.jsonl gets every step)."""
+    compile: bool = False
+    """torch.compile the model (GPU)."""
+
+    def validate(self, prefix: str = "train") -> None:
+        p = prefix + "."
+        for name in ("steps", "micro_batch_size", "grad_accum", "log_interval", "eval_batches"):
+            check(getattr(self, name) > 0, p + name, f"must be positive, got {getattr(self, name)}")
+        check(self.eval_interval >= 0, p + "eval_interval", "must be >= 0 (0 disables)")
+        check(self.seq_len is None or self.seq_len > 0, p + "seq_len", "must be positive")
+
+
+@dataclass
+class PrecisionConfig:
+    """Numerics. fp32 master weights always; autocast for the matmuls."""
+
+    dtype: Literal["auto", "fp32", "bf16"] = "auto"
+    """auto: bf16 autocast on GPU, fp32 on CPU."""
+
+    def validate(self, prefix: str = "precision") -> None:
+        pass
+
+
+@dataclass
+class LogConfig:
+    """Where a run writes."""
+
+    run_dir: str = "runs/{name}"
+    """Run directory; {name} is replaced by `name`."""
+    name: str = "run"
+    tensorboard: bool = True
+    progress: bool = True
+    """A live progress bar (tqdm) on the console."""
+
+    def validate(self, prefix: str = "log") -> None:
+        check(bool(self.name), prefix + ".name", "must not be empty")

@@ -1,0 +1,128 @@
+"""Multi-head attention with every choice: GQA/MQA, QK-norm, RoPE/ALiBi, soft-capping, the
+off-by-one softmax, sliding windows. Flash attention (SDPA) where the choices allow it, an exact
+path otherwise."""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from tplus_dist.model.positions import Rotary, alibi_bias, alibi_slopes
+
+if TYPE_CHECKING:
+    from tplus_dist.backends.base import LayerProvider
+    from tplus_dist.config.model import ModelConfig
+
+
+def attention_mask(seq_len: int, window: int | None, device: torch.device | None = None) -> torch.Tensor:
+    """[s, s] bool, True where query i may see key j: causal, and within ``window`` tokens if set."""
+    i = torch.arange(seq_len, device=device)[:, None]
+    j = torch.arange(seq_len, device=device)[None, :]
+    mask = j <= i
+    if window is not None:
+        mask = mask & (i - j < window)
+    return mask
+
+
+def softcap(x: torch.Tensor, cap: float) -> torch.Tensor:
+    return cap * torch.tanh(x / cap)
+
+
+class AttentionCore(nn.Module):
+    """softmax(scale * q k^T + bias, masked) v. q [b, h, s, d], k/v [b, kv, s, d] -> [b, h, s, d]."""
+
+    def __init__(self, cfg: ModelConfig, layer: int) -> None:
+        super().__init__()
+        self.n_heads = cfg.n_heads
+        self.kv_heads = cfg.kv_heads
+        self.scale = cfg.attn_scale
+        self.softcap = cfg.attn_softcap
+        self.off_by_one = cfg.softmax_off_by_one
+        self.window = cfg.sliding_window if cfg.layer_is_local(layer) else None
+        self.dropout = cfg.attn_dropout
+        self.alibi = cfg.position == "alibi"
+        if self.alibi:
+            self.register_buffer("slopes", alibi_slopes(cfg.n_heads), persistent=False)
+        # SDPA's kernels cover scale, masks, additive biases and GQA, not softcap or off-by-one
+        self.use_sdpa = self.softcap is None and not self.off_by_one
+
+    def _bias(self, s: int, device: torch.device, dtype: torch.dtype) -> torch.Tensor | None:
+        """Float [h|1, s, s] additive mask (-inf where hidden), or None for the plain causal case."""
+        if not self.alibi and self.window is None:
+            return None
+        keep = attention_mask(s, self.window, device)
+        bias = torch.zeros(s, s, device=device, dtype=dtype).masked_fill(~keep, float("-inf"))
+        if self.alibi:
+            bias = bias + alibi_bias(self.slopes, s).to(device=device, dtype=dtype)
+        return bias
+
+    def forward(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+        s = q.shape[-2]
+        dropout = self.dropout if self.training else 0.0
+        if self.use_sdpa:
+            bias = self._bias(s, q.device, q.dtype)
+            return F.scaled_dot_product_attention(
+                q, k, v, attn_mask=bias, is_causal=bias is None, dropout_p=dropout,
+                scale=self.scale, enable_gqa=self.kv_heads != self.n_heads,
+            )
+        return self.exact(q, k, v, dropout)
+
+    def exact(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, dropout: float = 0.0) -> torch.Tensor:
+        s = q.shape[-2]
+        if self.kv_heads != self.n_heads:
+            rep = self.n_heads // self.kv_heads
+            k = k.repeat_interleave(rep, dim=1)
+            v = v.repeat_interleave(rep, dim=1)
+        scores = (q @ k.transpose(-2, -1)).float() * self.scale
+        if self.softcap is not None:  # Gemma 2 caps before the bias and mask
+            scores = softcap(scores, self.softcap)
+        if self.alibi:
+            scores = scores + alibi_bias(self.slopes, s).to(scores.device)
+        keep = attention_mask(s, self.window, q.device)
+        scores = scores.masked_fill(~keep, float("-inf"))
+        if self.off_by_one:
+            # exp(x_i) / (1 + sum_j exp(x_j)), stably: shift by m = max(0, max_j x_j)
+            m = scores.amax(dim=-1, keepdim=True).clamp_min(0.0)
+            e = torch.exp(scores - m)
+            probs = e / (torch.exp(-m) + e.sum(dim=-1, keepdim=True))
+        else:
+            probs = scores.softmax(dim=-1)
+        probs = probs.type_as(q)
+        if dropout > 0:
+            probs = F.dropout(probs, dropout)
+        return probs @ v
+
+
+class Attention(nn.Module):
+    def __init__(self, cfg: ModelConfig, layer: int, provider: LayerProvider, rotary: Rotary | None) -> None:
+        super().__init__()
+        self.n_heads, self.kv_heads, self.head_dim = cfg.n_heads, cfg.kv_heads, cfg.dim_head
+        bias = cfg.linear_bias
+        self.wq = provider.linear(cfg.d_model, cfg.n_heads * cfg.dim_head, bias=bias, role="column")
+        self.wk = provider.linear(cfg.d_model, cfg.kv_heads * cfg.dim_head, bias=bias, role="column")
+        self.wv = provider.linear(cfg.d_model, cfg.kv_heads * cfg.dim_head, bias=bias, role="column")
+        self.wo = provider.linear(cfg.n_heads * cfg.dim_head, cfg.d_model, bias=bias, role="row")
+        self.q_norm: nn.Module | None = None
+        self.k_norm: nn.Module | None = None
+        if cfg.qk_norm != "none":
+            kw = dict(eps=cfg.norm_eps, bias=cfg.norm_bias, unit_offset=cfg.norm_unit_offset)
+            self.q_norm = provider.norm(cfg.qk_norm, cfg.dim_head, **kw)
+            self.k_norm = provider.norm(cfg.qk_norm, cfg.dim_head, **kw)
+        self.rotary = rotary
+        self.core = provider.attention_core(cfg, layer)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        b, s, _ = x.shape
+        q = self.wq(x).view(b, s, -1, self.head_dim)
+        k = self.wk(x).view(b, s, -1, self.head_dim)
+        v = self.wv(x).view(b, s, -1, self.head_dim)
+        if self.q_norm is not None and self.k_norm is not None:
+            q, k = self.q_norm(q), self.k_norm(k)
+        q, k, v = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)
+        if self.rotary is not None:
+            q, k = self.rotary(q), self.rotary(k)
+        out = self.core(q, k, v)
+        return self.wo(out.transpose(1, 2).reshape(b, s, -1))

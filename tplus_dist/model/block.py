@@ -1,0 +1,67 @@
+"""One decoder layer: attention and MLP, serial or parallel, with pre/post/sandwich norms."""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from tplus_dist.model.attention import Attention
+from tplus_dist.model.mlp import MLP
+
+if TYPE_CHECKING:
+    from tplus_dist.backends.base import LayerProvider
+    from tplus_dist.config.model import ModelConfig
+    from tplus_dist.model.positions import Rotary
+
+
+class Block(nn.Module):
+    """serial:   pre       h = x + A(n1(x));        y = h + M(n2(h))
+                 post      h = n1(x + A(x));        y = n2(h + M(h))
+                 sandwich  h = x + p1(A(n1(x)));    y = h + p2(M(n2(h)))
+    parallel:    pre       y = x + A(n1(x)) + M(n1(x))          (one norm: GPT-J, PaLM)
+                 post      y = n1(x + A(x) + M(x))
+                 sandwich  y = x + p1(A(n1(x))) + p2(M(n1(x)))"""
+
+    def __init__(self, cfg: ModelConfig, layer: int, provider: LayerProvider, rotary: Rotary | None) -> None:
+        super().__init__()
+        self.placement = cfg.norm_placement
+        self.parallel = cfg.block == "parallel"
+        kw = dict(eps=cfg.norm_eps, bias=cfg.norm_bias, unit_offset=cfg.norm_unit_offset)
+
+        def norm() -> nn.Module:
+            return provider.norm(cfg.norm, cfg.d_model, **kw)
+
+        self.attn = Attention(cfg, layer, provider, rotary)
+        self.mlp = MLP(cfg, provider)
+        self.norm1 = norm()
+        self.norm2 = None if (self.parallel and self.placement != "sandwich") else norm()
+        if self.placement == "sandwich":
+            self.post_attn_norm, self.post_mlp_norm = norm(), norm()
+            if self.parallel:  # the MLP reads norm1's output, so norm2 is its post-norm
+                self.norm2 = None
+        self.dropout = cfg.resid_dropout
+
+    def _drop(self, x: torch.Tensor) -> torch.Tensor:
+        return F.dropout(x, self.dropout, self.training) if self.dropout > 0 else x
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.parallel:
+            if self.placement == "pre":
+                h = self.norm1(x)
+                return x + self._drop(self.attn(h)) + self._drop(self.mlp(h))
+            if self.placement == "post":
+                return self.norm1(x + self._drop(self.attn(x)) + self._drop(self.mlp(x)))
+            h = self.norm1(x)
+            return x + self._drop(self.post_attn_norm(self.attn(h))) + self._drop(self.post_mlp_norm(self.mlp(h)))
+        assert self.norm2 is not None
+        if self.placement == "pre":
+            x = x + self._drop(self.attn(self.norm1(x)))
+            return x + self._drop(self.mlp(self.norm2(x)))
+        if self.placement == "post":
+            x = self.norm1(x + self._drop(self.attn(x)))
+            return self.norm2(x + self._drop(self.mlp(x)))
+        x = x + self._drop(self.post_attn_norm(self.attn(self.norm1(x))))
+        return x + self._drop(self.post_mlp_norm(self.mlp(self.norm2(x))))

@@ -1,0 +1,46 @@
+"""Feed-forward: plain (act(x W_up) W_down) or gated (act(x W_gate) * x W_up) W_down."""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING, Callable
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+if TYPE_CHECKING:
+    from tplus_dist.backends.base import LayerProvider
+    from tplus_dist.config.model import ModelConfig
+
+
+def _gelu_tanh(x: torch.Tensor) -> torch.Tensor:
+    return F.gelu(x, approximate="tanh")
+
+
+# the one place an activation name becomes code
+ACTIVATIONS: dict[str, Callable[[torch.Tensor], torch.Tensor]] = {
+    "gelu": F.gelu,
+    "gelu_tanh": _gelu_tanh,
+    "relu": F.relu,
+    "silu": F.silu,
+    "swiglu": F.silu,
+    "geglu": F.gelu,
+    "geglu_tanh": _gelu_tanh,
+    "reglu": F.relu,
+}
+
+
+class MLP(nn.Module):
+    def __init__(self, cfg: ModelConfig, provider: LayerProvider) -> None:
+        super().__init__()
+        self.act = ACTIVATIONS[cfg.activation]
+        self.gated = cfg.gated
+        d, f, bias = cfg.d_model, cfg.ffn_dim, cfg.linear_bias
+        self.w_gate = provider.linear(d, f, bias=bias, role="column") if self.gated else None
+        self.w_up = provider.linear(d, f, bias=bias, role="column")
+        self.w_down = provider.linear(f, d, bias=bias, role="row")
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.w_gate is not None:
+            return self.w_down(self.act(self.w_gate(x)) * self.w_up(x))
+        return self.w_down(self.act(self.w_up(x)))
