@@ -24,8 +24,7 @@ class LayerProvider(Protocol):
         """A linear map [..., in] -> [..., out]."""
         ...
 
-    def norm(self, kind: NormKind, dim: int, *, eps: float, bias: bool, unit_offset: bool) -> nn.Module:
-        ...
+    def norm(self, kind: NormKind, dim: int, *, eps: float, bias: bool, unit_offset: bool) -> nn.Module: ...
 
     def embedding(self, num_embeddings: int, dim: int) -> nn.Module:
         """Token embedding; ``.weight`` is [num_embeddings, dim] (shared with a tied head)."""

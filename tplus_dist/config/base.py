@@ -74,7 +74,7 @@ def _coerce(value: Any, tp: Any, field: str) -> Any:
         if origin is tuple and args and args[-1] is not Ellipsis:
             if len(value) != len(args):
                 raise ConfigError(field, f"must have {len(args)} items, got {len(value)}")
-            return tuple(_coerce(v, a, f"{field}[{i}]") for i, (v, a) in enumerate(zip(value, args)))
+            return tuple(_coerce(v, a, f"{field}[{i}]") for i, (v, a) in enumerate(zip(value, args, strict=False)))
         item = args[0] if args else Any
         items = [_coerce(v, item, f"{field}[{i}]") for i, v in enumerate(value)]
         return tuple(items) if origin is tuple else items
@@ -112,12 +112,15 @@ def from_dict(cls: type[T], data: dict[str, Any], prefix: str = "") -> T:
     unknown = sorted(set(data) - set(fields))
     if unknown:
         where = f"{prefix}.{unknown[0]}" if prefix else unknown[0]
-        raise ConfigError(where, f"unknown key; valid keys of {prefix or 'the config'} are: {', '.join(sorted(fields))}")
+        raise ConfigError(
+            where, f"unknown key; valid keys of {prefix or 'the config'} are: {', '.join(sorted(fields))}"
+        )
     kwargs = {}
     for name, value in data.items():
         kwargs[name] = _coerce(value, hints[name], f"{prefix}.{name}" if prefix else name)
     missing = [
-        n for n, f in fields.items()
+        n
+        for n, f in fields.items()
         if n not in kwargs and f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING
     ]
     if missing:

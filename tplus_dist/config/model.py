@@ -32,8 +32,11 @@ class ModelConfig:
     pad_vocab_multiple: int = 64
     """Pad the embedding rows to a multiple of this (64/128 keep matmuls tensor-core shaped)."""
     n_layers: int = 12
+    """Decoder layers (blocks)."""
     d_model: int = 768
+    """Residual stream width."""
     n_heads: int = 12
+    """Query heads."""
     n_kv_heads: int | None = None
     """Key/value heads: = n_heads is MHA, a divisor is GQA, 1 is MQA. None: n_heads."""
     head_dim: int | None = None
@@ -41,12 +44,15 @@ class ModelConfig:
     d_ff: int | None = None
     """None: 4 * d_model, or 8/3 * d_model rounded up to ``d_ff_multiple`` for gated MLPs."""
     d_ff_multiple: int = 256
+    """Derived gated d_ff is rounded up to a multiple of this (hardware-friendly shapes)."""
     seq_len: int = 2048
     """Longest context the model is built for (learned/sinusoidal tables, masks)."""
 
     # -- normalization
     norm: NormKind = "rmsnorm"
+    """rmsnorm (Llama, Gemma: no mean, cheaper) or layernorm (GPT-2)."""
     norm_eps: float = 1e-5
+    """Added to the variance inside every norm."""
     norm_bias: bool = False
     """LayerNorm bias; RMSNorm never has one."""
     norm_placement: NormPlacement = "pre"
@@ -55,12 +61,15 @@ class ModelConfig:
     embed_norm: bool = False
     """LayerNorm right after the embedding (BLOOM)."""
     final_norm: bool = True
+    """Norm before the output head (needed with pre-norm, where the residual stream is never normed)."""
     norm_unit_offset: bool = False
     """Store the norm gain as (weight - 1), i.e. scale by (1 + w), as Gemma does; same function."""
 
     # -- positions
     position: PositionKind = "rope"
+    """learned (GPT-2), sinusoidal (Vaswani), rope (Su; Llama), alibi (Press; BLOOM), or none (NoPE)."""
     rope_theta: float = 10000.0
+    """RoPE base: wavelengths span 2*pi .. 2*pi*theta."""
     rope_fraction: float = 1.0
     """Fraction of head_dim rotated by RoPE (GPT-NeoX, Phi use partial rotary)."""
 
@@ -80,6 +89,7 @@ class ModelConfig:
 
     # -- feed-forward
     activation: Activation = "swiglu"
+    """gelu, gelu_tanh, relu, silu (ungated), or the gated swiglu, geglu, geglu_tanh, reglu (Shazeer 2020)."""
 
     # -- biases
     linear_bias: bool = False
@@ -91,6 +101,7 @@ class ModelConfig:
 
     # -- embeddings
     tie_embeddings: bool = False
+    """Share the input embedding with the output head (GPT-2, Gemma; saves vocab*d parameters)."""
     embed_scale: bool = False
     """Multiply embeddings by sqrt(d_model) (ESPnet, Gemma)."""
     output_logit_scale: bool = False
@@ -98,7 +109,9 @@ class ModelConfig:
 
     # -- initialization
     init: InitKind = "gpt2"
+    """gpt2, t5 (Mesh-TensorFlow) or mup (maximal update parametrization); see the README."""
     init_std: float = 0.02
+    """Standard deviation of the gpt2 and mup schemes (at the muP base width)."""
     mup_base_d_model: int = 256
     """muP: the width the hyper-parameters were tuned at; width_mult = d_model / this."""
     mup_output_mult: float = 1.0
@@ -110,11 +123,15 @@ class ModelConfig:
     final_logit_softcap: float | None = None
     """Soft-cap the output logits: cap * tanh(x / cap) (Gemma 2: 30)."""
     ignore_index: int = -100
+    """Targets equal to this are left out of the loss."""
 
     # -- dropout (0: pretraining on deduplicated data does not need it)
     embed_dropout: float = 0.0
+    """Dropout on the embedding output."""
     attn_dropout: float = 0.0
+    """Dropout on attention probabilities."""
     resid_dropout: float = 0.0
+    """Dropout on each sublayer output before the residual add."""
 
     # ---------------------------------------------------------------- derived
     @property
@@ -170,7 +187,9 @@ class ModelConfig:
         p = prefix + "."
         for name in ("vocab_size", "pad_vocab_multiple", "n_layers", "d_model", "n_heads", "seq_len", "d_ff_multiple"):
             check(getattr(self, name) > 0, p + name, f"must be positive, got {getattr(self, name)}")
-        check(self.n_kv_heads is None or self.n_kv_heads > 0, p + "n_kv_heads", f"must be positive, got {self.n_kv_heads}")
+        check(
+            self.n_kv_heads is None or self.n_kv_heads > 0, p + "n_kv_heads", f"must be positive, got {self.n_kv_heads}"
+        )
         check(
             self.n_heads % self.kv_heads == 0,
             p + "n_kv_heads",

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -20,6 +21,22 @@ from tplus_dist.config.sections import (
 )
 
 CONFIGS_DIR = Path(__file__).resolve().parents[2] / "configs"
+
+
+class _YamlLoader(yaml.SafeLoader):
+    """SafeLoader that also reads ``3e-4`` (an exponent without a dot) as a float, as YAML 1.2 does;
+    PyYAML's YAML 1.1 resolver would make it the string '3e-4'."""
+
+
+_YamlLoader.add_implicit_resolver(
+    "tag:yaml.org,2002:float",
+    re.compile(r"^[-+]?[0-9][0-9_]*(?:\.[0-9_]*)?[eE][-+]?[0-9]+$"),
+    list("-+0123456789"),
+)
+
+
+def _yaml_load(text: str) -> Any:
+    return yaml.load(text, Loader=_YamlLoader)  # a SafeLoader subclass: no arbitrary objects
 
 
 @dataclass
@@ -82,7 +99,7 @@ def _read_yaml(path: Path, seen: tuple[Path, ...] = ()) -> dict[str, Any]:
     if path in seen:
         raise ConfigError("defaults", f"{path} includes itself (through {' -> '.join(map(str, seen))})")
     try:
-        data = yaml.safe_load(path.read_text()) or {}
+        data = _yaml_load(path.read_text()) or {}
     except yaml.YAMLError as e:
         raise ConfigError("", f"{path} is not valid YAML: {e}") from None
     if not isinstance(data, dict):
@@ -93,7 +110,7 @@ def _read_yaml(path: Path, seen: tuple[Path, ...] = ()) -> dict[str, Any]:
         defaults = [defaults]
     for d in defaults:
         candidate = (path.parent / d) if (path.parent / d).is_file() else CONFIGS_DIR / d
-        merged = _deep_merge(merged, _read_yaml(candidate.resolve(), seen + (path,)))
+        merged = _deep_merge(merged, _read_yaml(candidate.resolve(), (*seen, path)))
     return _deep_merge(merged, data)
 
 
@@ -109,7 +126,7 @@ def parse_overrides(overrides: list[str]) -> dict[str, Any]:
         if len(parts) < 2 or not all(parts):
             raise ConfigError(key, "override key must be section.key (for example --model.n_layers=4)")
         try:
-            value = yaml.safe_load(raw) if raw != "" else None
+            value = _yaml_load(raw) if raw != "" else None
         except yaml.YAMLError:
             value = raw
         node = out

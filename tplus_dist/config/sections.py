@@ -13,13 +13,18 @@ class OptimConfig:
     """Optimizer recipe. Defaults are the GPT-3 / Llama recipe."""
 
     name: Literal["adamw", "adafactor", "soap"] = "adamw"
+    """adamw (Loshchilov & Hutter), adafactor (Shazeer & Stern, as PaLM ran it), or soap (Vyas et al. 2024)."""
     lr: float = 3e-4
-    """Peak learning rate (under muP: the base-width rate; hidden matrices get lr / width_mult)."""
+    """Peak learning rate (under muP: the base-width rate; hidden matrices get lr / width_mult).
+    Adafactor with adafactor_scale_parameter: the relative step size, multiplied by RMS(param) (PaLM: 1e-2)."""
     betas: tuple[float, float] = (0.9, 0.95)
     """0.95 rather than 0.999: faster adaptation, fewer loss spikes at scale."""
     eps: float = 1e-8
+    """Denominator epsilon of AdamW and SOAP."""
     weight_decay: float = 0.1
-    """Applied to tensors of 2+ dimensions (matrices, embeddings) only; never to norms or biases."""
+    """Applied to tensors of 2+ dimensions (matrices, embeddings) only; never to norms or biases.
+    Decoupled: each step multiplies those tensors by (1 - lr(t) * weight_decay), lr(t) the scheduled base rate
+    (under muP too, so the decay does not change with width)."""
     weight_decay_schedule: Literal["constant", "lr_squared"] = "constant"
     """lr_squared: decoupled decay of lr(t)^2 per step, PaLM's dynamic weight decay (ignores weight_decay)."""
     grad_clip: float = 1.0
@@ -28,13 +33,19 @@ class OptimConfig:
     adafactor_decay_rate: float = 0.8
     """Second-moment decay 1 - t^-decay_rate."""
     adafactor_clip_threshold: float = 1.0
+    """Adafactor update clipping: the update's RMS is capped at this."""
     adafactor_scale_parameter: bool = True
     """Scale the step by max(eps2, RMS(param)): parameter-scaled learning rates, as in PaLM."""
     adafactor_momentum: float | None = 0.9
     """First moment (PaLM used 0.9); None disables it and saves memory."""
+    adafactor_factored: bool = True
+    """Factor the second moment of matrices into row and column statistics (Shazeer & Stern);
+    false keeps a full second moment (PaLM ran Adafactor unfactored)."""
     # SOAP (Vyas et al. 2024)
     soap_precondition_frequency: int = 10
+    """SOAP refreshes its eigenbases every this many steps."""
     soap_shampoo_beta: float = 0.95
+    """SOAP: EMA decay of the Shampoo statistics L = E[G G^T], R = E[G^T G]."""
     soap_max_precond_dim: int = 4096
     """Dimensions larger than this are not preconditioned (identity); bounds memory."""
 
@@ -46,7 +57,16 @@ class OptimConfig:
         check(self.weight_decay >= 0, p + "weight_decay", f"must be >= 0, got {self.weight_decay}")
         check(self.grad_clip >= 0, p + "grad_clip", f"must be >= 0 (0 disables), got {self.grad_clip}")
         check(self.adafactor_decay_rate > 0, p + "adafactor_decay_rate", "must be positive")
+        check(self.adafactor_clip_threshold > 0, p + "adafactor_clip_threshold", "must be positive")
+        check(
+            self.adafactor_momentum is None or 0 <= self.adafactor_momentum < 1,
+            p + "adafactor_momentum",
+            f"must be in [0, 1) or null, got {self.adafactor_momentum}",
+        )
         check(self.soap_precondition_frequency > 0, p + "soap_precondition_frequency", "must be positive")
+        beta = self.soap_shampoo_beta
+        check(0 <= beta < 1, p + "soap_shampoo_beta", f"must be in [0, 1), got {beta}")
+        check(self.soap_max_precond_dim > 0, p + "soap_max_precond_dim", "must be positive")
 
 
 @dataclass
@@ -57,6 +77,7 @@ class ScheduleConfig:
     """cosine: linear warmup then cosine to min_lr. wsd: warmup, stable, then decay (MiniCPM).
     constant: warmup then flat."""
     warmup_steps: int = 100
+    """Linear warmup from peak/warmup_steps to the peak optim.lr."""
     decay_steps: int | None = None
     """Steps from the start to the end of decay. None: train.steps."""
     min_lr: float = 1e-5
@@ -107,10 +128,13 @@ class TrainConfig:
     seq_len: int | None = None
     """Training sequence length. None: model.seq_len."""
     seed: int = 1234
+    """Seeds parameters, data order and dropout: two runs with the same seed give the same losses."""
     device: Literal["auto", "cpu", "cuda"] = "auto"
+    """auto: cuda when available, else cpu."""
     eval_interval: int = 100
     """Steps between validation-loss evaluations (0 disables)."""
     eval_batches: int = 8
+    """Micro-batches per validation-loss evaluation (the same ones each time)."""
     log_interval: int = 10
     """Steps between console lines (metrics.jsonl gets every step)."""
     compile: bool = False
@@ -142,9 +166,13 @@ class LogConfig:
     run_dir: str = "runs/{name}"
     """Run directory; {name} is replaced by `name`."""
     name: str = "run"
+    """The run's name (the run directory, and the tensorboard run)."""
     tensorboard: bool = True
+    """Write tensorboard events under RUN_DIR/tensorboard."""
     progress: bool = True
     """A live progress bar (tqdm) on the console."""
+    peak_tflops: float | None = None
+    """Peak dense bf16 TFLOP/s per device for MFU. None: known GPUs (H100 SXM 989); no MFU on CPU."""
 
     def validate(self, prefix: str = "log") -> None:
         check(bool(self.name), prefix + ".name", "must not be empty")

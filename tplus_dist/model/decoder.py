@@ -70,7 +70,10 @@ class Decoder(nn.Module):
     def output_logits(self, x: torch.Tensor) -> torch.Tensor:
         if self.final_norm is not None:
             x = self.final_norm(x)
-        logits = self.head(x) if self.head is not None else F.linear(x, self.embed.weight)
+        weight = self.head.weight if self.head is not None else self.embed.weight
+        # the padding rows exist for matmul shapes and tensor-parallel splits; slicing the weight (a
+        # contiguous view) rather than the logits skips their compute and a copy of the logits
+        logits = F.linear(x, weight[: self.cfg.vocab_size])
         if self.logit_mult != 1.0:
             logits = logits * self.logit_mult
         if self.cfg.final_logit_softcap is not None:
@@ -84,10 +87,7 @@ class Decoder(nn.Module):
         x = self.embed_tokens(tokens)
         for layer in self.layers:
             x = layer(x)
-        logits = self.output_logits(x)
-        if self.cfg.padded_vocab_size != self.cfg.vocab_size:
-            logits = logits[..., : self.cfg.vocab_size]
-        return logits
+        return self.output_logits(x)
 
     # ------------------------------------------------------------- bookkeeping
     def parameter_kinds(self) -> Iterator[tuple[str, nn.Parameter, ParamKind]]:
@@ -109,10 +109,8 @@ class Decoder(nn.Module):
     def num_matmul_params(self) -> int:
         """Parameters that take part in matrix multiplies (the N of 6N): every matrix except input
         lookups, plus the output projection (the tied embedding counts once, as the head)."""
-        n = sum(p.numel() for _, p, kind in self.parameter_kinds() if kind in ("hidden", "head"))
-        if self.head is None:
-            n += self.embed.weight.numel()
-        return n
+        n = sum(p.numel() for _, p, kind in self.parameter_kinds() if kind == "hidden")
+        return n + self.cfg.vocab_size * self.cfg.d_model  # the head computes the real vocabulary only
 
     def flops_per_token(self, seq_len: int) -> float:
         """Training FLOPs per token: 6N + 12 * n_layers * d_model * seq_len (PaLM appendix B);

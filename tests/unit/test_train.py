@@ -1,0 +1,124 @@
+"""The single-process run: loss falls, runs are reproducible, outputs are plottable, bad input writes nothing."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+
+from tplus_dist.cli import main
+from tplus_dist.config import load_config
+from tplus_dist.train.metrics import read_metrics
+from tplus_dist.train.run import train
+
+FAST = [
+    "--train.steps=30",
+    "--train.micro_batch_size=8",
+    "--train.eval_interval=15",
+    "--train.eval_batches=2",
+    "--model.seq_len=64",
+    "--log.progress=false",
+    "--schedule.warmup_steps=5",
+]
+
+
+def _cfg(tmp_path: Path, *extra: str):
+    return load_config("configs/tiny.yaml", [*FAST, f"--log.run_dir={tmp_path}/{{name}}", *extra])
+
+
+def test_tiny_preset_loss_falls(tmp_path: Path) -> None:
+    _run_dir, history = train(_cfg(tmp_path))
+    losses = [m["loss"] for m in history]
+    assert len(losses) == 30
+    # byte-level text starts near ln(257) = 5.55; 30 steps must cut it clearly
+    assert losses[0] > 4.5
+    assert sum(losses[-5:]) / 5 < losses[0] - 1.5
+    vals = [m["val_loss"] for m in history if "val_loss" in m]
+    assert len(vals) == 2 and vals[-1] < vals[0]
+
+
+def test_same_seed_gives_identical_losses(tmp_path: Path) -> None:
+    _, a = train(_cfg(tmp_path / "a", "--train.steps=8"))
+    _, b = train(_cfg(tmp_path / "b", "--train.steps=8"))
+    assert [m["loss"] for m in a] == [m["loss"] for m in b]
+    _, c = train(_cfg(tmp_path / "c", "--train.steps=8", "--train.seed=7"))
+    assert [m["loss"] for m in a] != [m["loss"] for m in c]
+
+
+def test_grad_accum_equals_larger_micro_batch_in_expectation_of_tokens(tmp_path: Path) -> None:
+    _, h = train(_cfg(tmp_path, "--train.steps=3", "--train.grad_accum=2", "--train.micro_batch_size=4"))
+    assert [m["batch_size"] for m in h] == [8, 8, 8]
+    assert [m["tokens"] for m in h] == [8 * 64, 16 * 64, 24 * 64]
+
+
+def test_run_directory_has_config_metrics_and_tensorboard(tmp_path: Path) -> None:
+    run_dir, _history = train(_cfg(tmp_path, "--train.steps=4", "--train.eval_interval=2"))
+    rows = read_metrics(run_dir)
+    assert [r["step"] for r in rows] == [1, 2, 3, 4]
+    for key in ("loss", "lr", "grad_norm", "tokens", "tokens_per_s", "step_time", "batch_size"):
+        assert all(key in r for r in rows), key
+    assert "val_loss" in rows[1] and "val_loss" in rows[3]
+    assert load_config(run_dir / "config.yaml").train.steps == 4  # the resolved config reloads
+    assert list((run_dir / "tensorboard").glob("events.out.tfevents.*"))
+
+
+def test_existing_run_is_never_overwritten(tmp_path: Path) -> None:
+    first, _ = train(_cfg(tmp_path, "--train.steps=2"))
+    before = (first / "metrics.jsonl").read_text()
+    second, _ = train(_cfg(tmp_path, "--train.steps=2"))
+    assert second != first and second.name == first.name + "-1"
+    assert (first / "metrics.jsonl").read_text() == before
+
+
+def test_optimizers_and_schedules_train(tmp_path: Path) -> None:
+    for extra in (
+        ["--optim.name=adafactor", "--optim.lr=1e-2"],
+        ["--optim.name=soap"],
+        ["--schedule.name=wsd"],
+        ["--optim.weight_decay_schedule=lr_squared"],
+        ["--model.z_loss=1e-4"],
+    ):
+        _, h = train(_cfg(tmp_path / extra[0].split("=")[1], "--train.steps=12", *extra))
+        assert h[-1]["loss"] < h[0]["loss"], extra
+
+
+def test_cli_train_and_bad_config_writes_nothing(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    args = ["train", "configs/tiny.yaml", *FAST, "--train.steps=2", f"--log.run_dir={tmp_path}/ok"]
+    assert main(args) == 0
+    assert (tmp_path / "ok" / "metrics.jsonl").is_file()
+    bad = ["train", "configs/tiny.yaml", "--model.n_kv_heads=3", f"--log.run_dir={tmp_path}/bad"]
+    assert main(bad) == 2
+    err = capsys.readouterr().err
+    assert "model.n_kv_heads" in err and "divisible" in err
+    assert not (tmp_path / "bad").exists()
+    assert main(["train", "configs/tiny.yaml", "--optim.lr=-1", f"--log.run_dir={tmp_path}/bad"]) == 2
+    assert "optim.lr" in capsys.readouterr().err
+    assert not (tmp_path / "bad").exists()
+
+
+def test_tokenizer_larger_than_vocab_is_refused_before_writing(tmp_path: Path) -> None:
+    assert main(["train", "configs/tiny.yaml", "--model.vocab_size=100", f"--log.run_dir={tmp_path}/x"]) == 2
+    assert not (tmp_path / "x").exists()
+
+
+def test_cli_surface_is_frozen(capsys: pytest.CaptureFixture[str]) -> None:
+    """Other tools call these commands: changing them is a breaking change, so it must be deliberate."""
+    from tplus_dist.cli import COMMANDS
+
+    assert sorted(COMMANDS) == ["bench", "config", "train"]
+    assert main(["--help"]) == 0
+    assert main(["nope"]) == 2
+
+
+def test_config_command_prints_resolved_yaml(capsys: pytest.CaptureFixture[str]) -> None:
+    assert main(["config", "configs/tiny.yaml", "--model.n_layers=3"]) == 0
+    out = capsys.readouterr().out
+    assert "n_layers: 3" in out and "d_model: 128" in out
+
+
+def test_metrics_lines_are_json(tmp_path: Path) -> None:
+    run_dir, _ = train(_cfg(tmp_path, "--train.steps=2", "--log.tensorboard=false"))
+    for line in (run_dir / "metrics.jsonl").read_text().splitlines():
+        json.loads(line)
+    assert not (run_dir / "tensorboard").exists()

@@ -1,0 +1,3 @@
+from tplus_dist.cli import main
+
+raise SystemExit(main())

@@ -1,0 +1,173 @@
+"""`tplus bench`: forward+backward tokens/s of a preset beside a plain-PyTorch nanoGPT-style
+reference of the same shape, measured in the same process, interleaved so that both see the same
+machine state. Prints a table; nothing is asserted (benchmarks print figures)."""
+
+from __future__ import annotations
+
+import argparse
+import math
+import statistics
+import time
+from collections.abc import Callable
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from tplus_dist.config import ModelConfig, load_config
+from tplus_dist.model import build_model
+from tplus_dist.train.metrics import device_peak_flops
+
+
+class _RefBlock(nn.Module):
+    def __init__(self, d: int, n_heads: int, bias: bool) -> None:
+        super().__init__()
+        self.n_heads = n_heads
+        self.ln_1 = nn.LayerNorm(d, bias=bias)
+        self.c_attn = nn.Linear(d, 3 * d, bias=bias)
+        self.c_proj = nn.Linear(d, d, bias=bias)
+        self.ln_2 = nn.LayerNorm(d, bias=bias)
+        self.c_fc = nn.Linear(d, 4 * d, bias=bias)
+        self.mlp_proj = nn.Linear(4 * d, d, bias=bias)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        b, s, d = x.shape
+        q, k, v = self.c_attn(self.ln_1(x)).split(d, dim=2)
+        q, k, v = (t.view(b, s, self.n_heads, d // self.n_heads).transpose(1, 2) for t in (q, k, v))
+        y = F.scaled_dot_product_attention(q, k, v, is_causal=True)
+        x = x + self.c_proj(y.transpose(1, 2).contiguous().view(b, s, d))
+        return x + self.mlp_proj(F.gelu(self.c_fc(self.ln_2(x)), approximate="tanh"))
+
+
+class NanoGPT(nn.Module):
+    """Karpathy's nanoGPT model (fused QKV, SDPA, LayerNorm, GELU, learned positions, tied head)."""
+
+    def __init__(self, vocab: int, seq_len: int, d: int, n_layers: int, n_heads: int, bias: bool = True) -> None:
+        super().__init__()
+        self.wte = nn.Embedding(vocab, d)
+        self.wpe = nn.Embedding(seq_len, d)
+        self.h = nn.ModuleList(_RefBlock(d, n_heads, bias) for _ in range(n_layers))
+        self.ln_f = nn.LayerNorm(d, bias=bias)
+
+    def forward(self, idx: torch.Tensor) -> torch.Tensor:
+        x = self.wte(idx) + self.wpe(torch.arange(idx.shape[1], device=idx.device))
+        for block in self.h:
+            x = block(x)
+        return F.linear(self.ln_f(x), self.wte.weight)
+
+
+def reference_flops_per_token(vocab: int, d: int, n_layers: int, seq_len: int) -> float:
+    n = n_layers * 12 * d * d + vocab * d
+    return 6.0 * n + 12.0 * n_layers * d * seq_len
+
+
+def _time_steps(step: Callable[[], None], n: int, device: torch.device) -> float:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+    t0 = time.perf_counter()
+    for _ in range(n):
+        step()
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+    return (time.perf_counter() - t0) / n
+
+
+def _fwd_bwd(model: nn.Module, tokens: torch.Tensor, targets: torch.Tensor, dtype: torch.dtype | None) -> Callable:
+    def step() -> None:
+        model.zero_grad(set_to_none=True)
+        ctx = (
+            torch.autocast(tokens.device.type, dtype=dtype)
+            if dtype is not None
+            else torch.autocast("cpu", enabled=False)
+        )
+        with ctx:
+            logits = model(tokens)
+        loss = F.cross_entropy(logits.float().reshape(-1, logits.shape[-1]), targets.reshape(-1))
+        loss.backward()
+
+    return step
+
+
+def run_bench(
+    mcfg: ModelConfig,
+    batch_size: int,
+    seq_len: int,
+    steps: int,
+    repeats: int,
+    device: torch.device,
+    dtype: torch.dtype | None,
+    compile: bool = False,
+) -> dict[str, float]:
+    torch.manual_seed(0)
+    ours = build_model(mcfg).to(device)
+    ref = NanoGPT(mcfg.padded_vocab_size, mcfg.seq_len, mcfg.d_model, mcfg.n_layers, mcfg.n_heads).to(device)
+    if compile:
+        ours = torch.compile(ours)  # type: ignore[assignment]
+        ref = torch.compile(ref)  # type: ignore[assignment]
+    tokens = torch.randint(0, mcfg.vocab_size, (batch_size, seq_len), device=device)
+    targets = torch.randint(0, mcfg.vocab_size, (batch_size, seq_len), device=device)
+    step_ours = _fwd_bwd(ours, tokens, targets, dtype)
+    step_ref = _fwd_bwd(ref, tokens, targets, dtype)
+    for _ in range(2):  # warm-up: allocator, kernels, compile
+        step_ours()
+        step_ref()
+    t_ours, t_ref = [], []
+    for _ in range(repeats):  # interleaved, so drift affects both alike
+        t_ours.append(_time_steps(step_ours, steps, device))
+        t_ref.append(_time_steps(step_ref, steps, device))
+    n_tok = batch_size * seq_len
+    mo, mr = statistics.median(t_ours), statistics.median(t_ref)
+    f_ours = ours.flops_per_token(seq_len) if hasattr(ours, "flops_per_token") else math.nan
+    f_ref = reference_flops_per_token(mcfg.padded_vocab_size, mcfg.d_model, mcfg.n_layers, seq_len)
+    return {
+        "ours_tokens_per_s": n_tok / mo,
+        "ref_tokens_per_s": n_tok / mr,
+        "time_ratio": mo / mr,
+        "ours_tflops": n_tok / mo * f_ours / 1e12,
+        "ref_tflops": n_tok / mr * f_ref / 1e12,
+        "ours_step_s": mo,
+        "ref_step_s": mr,
+        "ours_spread": (max(t_ours) - min(t_ours)) / mo,
+        "ref_spread": (max(t_ref) - min(t_ref)) / mr,
+    }
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(prog="tplus bench", description=__doc__)
+    ap.add_argument("--model", default="gpt2-124m", help="preset name in configs/models or a YAML path")
+    ap.add_argument("--batch-size", type=int, default=None, help="default: 4 on CPU, 8 on GPU")
+    ap.add_argument("--seq-len", type=int, default=None, help="default: 256 on CPU, the preset's on GPU")
+    ap.add_argument("--n-layers", type=int, default=None, help="override the preset's depth (a quicker CPU run)")
+    ap.add_argument("--steps", type=int, default=3, help="steps per timed repeat")
+    ap.add_argument("--repeats", type=int, default=5)
+    ap.add_argument("--dtype", choices=["auto", "fp32", "bf16"], default="auto")
+    ap.add_argument("--compile", action="store_true", help="torch.compile both models")
+    ap.add_argument("--device", default="auto")
+    args, overrides = ap.parse_known_args(argv)
+    device = torch.device(args.device if args.device != "auto" else ("cuda" if torch.cuda.is_available() else "cpu"))
+    path = args.model if args.model.endswith((".yaml", ".yml")) else f"models/{args.model}.yaml"
+    extra = [f"--model.n_layers={args.n_layers}"] if args.n_layers else []
+    mcfg = load_config(path, extra + overrides).model
+    seq = args.seq_len or (256 if device.type == "cpu" else mcfg.seq_len)
+    bs = args.batch_size or (4 if device.type == "cpu" else 8)
+    dtype = {"fp32": None, "bf16": torch.bfloat16, "auto": torch.bfloat16 if device.type == "cuda" else None}[
+        args.dtype
+    ]
+    r = run_bench(mcfg, bs, seq, args.steps, args.repeats, device, dtype, args.compile)
+    peak = device_peak_flops(device)
+    name = torch.cuda.get_device_name(device) if device.type == "cuda" else f"cpu ({torch.get_num_threads()} threads)"
+    print(
+        f"device {name}; torch {torch.__version__}; model {args.model} (n_layers {mcfg.n_layers}, d_model "
+        f"{mcfg.d_model}); batch {bs} x seq {seq}; dtype {dtype or torch.float32}; "
+        f"median of {args.repeats} x {args.steps} steps"
+    )
+    print(f"{'':22}{'tokens/s':>12}{'step s':>10}{'TFLOP/s':>10}{'MFU':>8}{'spread':>8}")
+    for key, label in (("ours", "tplus decoder"), ("ref", "nanoGPT reference")):
+        tf = r[f"{key}_tflops"]
+        mfu = f"{100 * tf * 1e12 / peak:.1f}%" if peak else "-"
+        print(
+            f"{label:22}{r[f'{key}_tokens_per_s']:>12,.0f}{r[f'{key}_step_s']:>10.3f}{tf:>10.3f}{mfu:>8}"
+            f"{100 * r[f'{key}_spread']:>7.1f}%"
+        )
+    print(f"time ratio (tplus / reference): {r['time_ratio']:.3f}")
+    return 0

@@ -1,0 +1,81 @@
+"""`tplus`: train | bench | config."""
+
+from __future__ import annotations
+
+import sys
+
+from tplus_dist.config import ConfigError, load_config
+
+USAGE = """tplus COMMAND [args]
+
+commands:
+  train CONFIG [--section.key=value ...]   train (a run directory under runs/ gets config, metrics, tensorboard)
+  config CONFIG [--section.key=value ...]  print the resolved, validated config
+  bench [--model PRESET] [...]             forward+backward tokens/s beside a nanoGPT-style reference
+"""
+
+
+def _split(argv: list[str]) -> tuple[str | None, list[str]]:
+    """CONFIG is the first argument that is not an override."""
+    config = None
+    overrides = []
+    for a in argv:
+        if a.startswith("--") or ("=" in a and not a.endswith((".yaml", ".yml"))):
+            overrides.append(a)
+        elif config is None:
+            config = a
+        else:
+            raise ConfigError("", f"unexpected argument {a!r} (overrides look like --section.key=value)")
+    return config, overrides
+
+
+def cmd_train(argv: list[str]) -> int:
+    config, overrides = _split(argv)
+    cfg = load_config(config, overrides)
+    from tplus_dist.train.run import train
+
+    run_dir, history = train(cfg)
+    last = history[-1] if history else {}
+    print(f"tplus: done, {len(history)} steps, final loss {last.get('loss', float('nan')):.4f}; run in {run_dir}")
+    return 0
+
+
+def cmd_config(argv: list[str]) -> int:
+    config, overrides = _split(argv)
+    print(load_config(config, overrides).to_yaml(), end="")
+    return 0
+
+
+def cmd_bench(argv: list[str]) -> int:
+    from tplus_dist.bench import main as bench_main
+
+    return bench_main(argv)
+
+
+COMMANDS = {"train": cmd_train, "config": cmd_config, "bench": cmd_bench}
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if not argv or argv[0] in ("-h", "--help", "help"):
+        print(USAGE)
+        return 0
+    cmd, rest = argv[0], argv[1:]
+    if cmd not in COMMANDS:
+        print(f"tplus: unknown command {cmd!r}\n\n{USAGE}", file=sys.stderr)
+        return 2
+    if cmd in ("train", "config") and rest and rest[0] in ("-h", "--help"):
+        print(USAGE)
+        return 0
+    try:
+        return COMMANDS[cmd](rest)
+    except ConfigError as e:
+        print(f"tplus: config error: {e}", file=sys.stderr)
+        return 2
+    except (FileNotFoundError, ValueError) as e:
+        print(f"tplus: error: {e}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

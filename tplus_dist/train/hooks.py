@@ -1,0 +1,90 @@
+"""Optional behaviour around the step: evaluation, metrics files, console progress.
+
+A hook sees the trainer and the step's metrics dict; hooks run in order, so an earlier hook
+(evaluation) can add values (val_loss) that later ones (metrics file, console) record."""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING, Any
+
+from tqdm import tqdm
+
+from tplus_dist.train.metrics import MetricsWriter
+
+if TYPE_CHECKING:
+    from tplus_dist.train.trainer import Trainer
+
+
+class Hook:
+    def on_fit_start(self, trainer: Trainer) -> None:
+        pass
+
+    def on_step_end(self, trainer: Trainer, metrics: dict[str, Any]) -> None:
+        pass
+
+    def on_fit_end(self, trainer: Trainer) -> None:
+        pass
+
+
+class EvalHook(Hook):
+    """Validation loss every ``interval`` steps and after the last one."""
+
+    def __init__(self, interval: int) -> None:
+        self.interval = interval
+
+    def on_step_end(self, trainer: Trainer, metrics: dict[str, Any]) -> None:
+        step = trainer.state.step
+        if self.interval and (step % self.interval == 0 or step == trainer.total_steps):
+            metrics["val_loss"] = trainer.evaluate()
+
+
+class MetricsFileHook(Hook):
+    def __init__(self, writer: MetricsWriter) -> None:
+        self.writer = writer
+
+    def on_step_end(self, trainer: Trainer, metrics: dict[str, Any]) -> None:
+        self.writer.write(trainer.state.step, metrics)
+
+    def on_fit_end(self, trainer: Trainer) -> None:
+        self.writer.close()
+
+
+def format_metrics(m: dict[str, Any]) -> str:
+    parts = [f"step {m['step']}", f"loss {m['loss']:.4f}", f"lr {m['lr']:.2e}", f"gnorm {m['grad_norm']:.3f}"]
+    parts.append(f"{m['tokens_per_s']:,.0f} tok/s")
+    if m.get("mfu") is not None:
+        parts.append(f"MFU {100 * m['mfu']:.1f}%")
+    if "val_loss" in m:
+        parts.append(f"val {m['val_loss']:.4f}")
+    return " | ".join(parts)
+
+
+class ConsoleHook(Hook):
+    """A tqdm bar (rate and ETA) with the latest loss; a full line every ``interval`` steps."""
+
+    def __init__(self, interval: int, progress: bool = True) -> None:
+        self.interval = interval
+        self.progress = progress
+        self.bar: tqdm[Any] | None = None
+
+    def on_fit_start(self, trainer: Trainer) -> None:
+        if self.progress:
+            self.bar = tqdm(
+                total=trainer.total_steps, initial=trainer.state.step, unit="step", dynamic_ncols=True, leave=True
+            )
+
+    def on_step_end(self, trainer: Trainer, metrics: dict[str, Any]) -> None:
+        step = trainer.state.step
+        if self.bar is not None:
+            self.bar.update(1)
+            self.bar.set_postfix(loss=f"{metrics['loss']:.3f}", refresh=False)
+        if step % self.interval == 0 or step == trainer.total_steps or step == 1 or "val_loss" in metrics:
+            line = format_metrics(metrics)
+            if self.bar is not None:
+                self.bar.write(line)
+            else:
+                print(line, flush=True)
+
+    def on_fit_end(self, trainer: Trainer) -> None:
+        if self.bar is not None:
+            self.bar.close()
