@@ -62,7 +62,7 @@ def _coerce(value: Any, tp: Any, field: str) -> Any:
                 errors.append(e.reason)
         raise ConfigError(field, f"must be {_type_name(tp)}, got {value!r}")
     if dataclasses.is_dataclass(tp):
-        if isinstance(value, tp):
+        if isinstance(value, typing.cast(type, tp)):
             return value
         if not isinstance(value, dict):
             raise ConfigError(field, f"must be a mapping (section), got {value!r}")

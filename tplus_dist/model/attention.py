@@ -10,6 +10,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from tplus_dist.model.norms import make_norm
 from tplus_dist.model.positions import Rotary, alibi_bias, alibi_slopes
 
 if TYPE_CHECKING:
@@ -33,6 +34,8 @@ def softcap(x: torch.Tensor, cap: float) -> torch.Tensor:
 
 class AttentionCore(nn.Module):
     """softmax(scale * q k^T + bias, masked) v. q [b, h, s, d], k/v [b, kv, s, d] -> [b, h, s, d]."""
+
+    slopes: torch.Tensor
 
     def __init__(self, cfg: ModelConfig, layer: int) -> None:
         super().__init__()
@@ -65,8 +68,14 @@ class AttentionCore(nn.Module):
         if self.use_sdpa:
             bias = self._bias(s, q.device, q.dtype)
             return F.scaled_dot_product_attention(
-                q, k, v, attn_mask=bias, is_causal=bias is None, dropout_p=dropout,
-                scale=self.scale, enable_gqa=self.kv_heads != self.n_heads,
+                q,
+                k,
+                v,
+                attn_mask=bias,
+                is_causal=bias is None,
+                dropout_p=dropout,
+                scale=self.scale,
+                enable_gqa=self.kv_heads != self.n_heads,
             )
         return self.exact(q, k, v, dropout)
 
@@ -76,7 +85,8 @@ class AttentionCore(nn.Module):
             rep = self.n_heads // self.kv_heads
             k = k.repeat_interleave(rep, dim=1)
             v = v.repeat_interleave(rep, dim=1)
-        scores = (q @ k.transpose(-2, -1)).float() * self.scale
+        scores = q @ k.transpose(-2, -1)
+        scores = scores.to(torch.promote_types(scores.dtype, torch.float32)) * self.scale  # fp64 stays fp64
         if self.softcap is not None:  # Gemma 2 caps before the bias and mask
             scores = softcap(scores, self.softcap)
         if self.alibi:
@@ -108,9 +118,8 @@ class Attention(nn.Module):
         self.q_norm: nn.Module | None = None
         self.k_norm: nn.Module | None = None
         if cfg.qk_norm != "none":
-            kw = dict(eps=cfg.norm_eps, bias=cfg.norm_bias, unit_offset=cfg.norm_unit_offset)
-            self.q_norm = provider.norm(cfg.qk_norm, cfg.dim_head, **kw)
-            self.k_norm = provider.norm(cfg.qk_norm, cfg.dim_head, **kw)
+            self.q_norm = make_norm(provider, cfg, cfg.dim_head, cfg.qk_norm)
+            self.k_norm = make_norm(provider, cfg, cfg.dim_head, cfg.qk_norm)
         self.rotary = rotary
         self.core = provider.attention_core(cfg, layer)
 

@@ -10,6 +10,7 @@ from torch import nn
 
 from tplus_dist.model.attention import Attention
 from tplus_dist.model.mlp import MLP
+from tplus_dist.model.norms import make_norm
 
 if TYPE_CHECKING:
     from tplus_dist.backends.base import LayerProvider
@@ -29,10 +30,9 @@ class Block(nn.Module):
         super().__init__()
         self.placement = cfg.norm_placement
         self.parallel = cfg.block == "parallel"
-        kw = dict(eps=cfg.norm_eps, bias=cfg.norm_bias, unit_offset=cfg.norm_unit_offset)
 
         def norm() -> nn.Module:
-            return provider.norm(cfg.norm, cfg.d_model, **kw)
+            return make_norm(provider, cfg, cfg.d_model)
 
         self.attn = Attention(cfg, layer, provider, rotary)
         self.mlp = MLP(cfg, provider)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+import typing
 from collections.abc import Iterator
 from typing import Literal
 
@@ -14,13 +15,16 @@ from tplus_dist.backends import LayerProvider, get_provider
 from tplus_dist.config.model import ModelConfig
 from tplus_dist.model.attention import softcap
 from tplus_dist.model.block import Block
-from tplus_dist.model.init import init_weights
+from tplus_dist.model.init import init_weights, module_weight
+from tplus_dist.model.norms import make_norm
 from tplus_dist.model.positions import Rotary, sinusoidal_table
 
 ParamKind = Literal["embedding", "hidden", "head", "vector"]
 
 
 class Decoder(nn.Module):
+    pos_table: torch.Tensor
+
     def __init__(self, cfg: ModelConfig, provider: LayerProvider | None = None) -> None:
         super().__init__()
         self.cfg = cfg
@@ -31,17 +35,14 @@ class Decoder(nn.Module):
         self.pos_embed = nn.Embedding(cfg.seq_len, d) if cfg.position == "learned" else None
         if cfg.position == "sinusoidal":
             self.register_buffer("pos_table", sinusoidal_table(cfg.seq_len, d), persistent=False)
-        rotary = (
-            Rotary(cfg.dim_head, cfg.rope_dim, cfg.rope_theta, cfg.seq_len) if cfg.position == "rope" else None
-        )
-        kw = dict(eps=cfg.norm_eps, bias=cfg.norm_bias, unit_offset=cfg.norm_unit_offset)
+        rotary = Rotary(cfg.dim_head, cfg.rope_dim, cfg.rope_theta, cfg.seq_len) if cfg.position == "rope" else None
         # BLOOM's embedding norm is a LayerNorm with bias whatever the model's norm choice
         self.embed_norm = (
             provider.norm("layernorm", d, eps=cfg.norm_eps, bias=True, unit_offset=False) if cfg.embed_norm else None
         )
         # one Rotary shared by every layer: its tables are buffers, not parameters
         self.layers = nn.ModuleList(Block(cfg, i, provider, rotary) for i in range(cfg.n_layers))
-        self.final_norm = provider.norm(cfg.norm, d, **kw) if cfg.final_norm else None
+        self.final_norm = make_norm(provider, cfg, d) if cfg.final_norm else None
         self.head = None if cfg.tie_embeddings else provider.linear(d, cfg.padded_vocab_size, bias=False, role="vocab")
         self.logit_mult = 1.0
         if cfg.output_logit_scale:
@@ -70,7 +71,7 @@ class Decoder(nn.Module):
     def output_logits(self, x: torch.Tensor) -> torch.Tensor:
         if self.final_norm is not None:
             x = self.final_norm(x)
-        weight = self.head.weight if self.head is not None else self.embed.weight
+        weight = module_weight(self.head if self.head is not None else self.embed)
         # the padding rows exist for matmul shapes and tensor-parallel splits; slicing the weight (a
         # contiguous view) rather than the logits skips their compute and a copy of the logits
         logits = F.linear(x, weight[: self.cfg.vocab_size])
@@ -102,6 +103,9 @@ class Decoder(nn.Module):
                 yield name, p, "hidden"
             else:
                 yield name, p, "vector"
+
+    def blocks(self) -> list[Block]:
+        return [typing.cast(Block, layer) for layer in self.layers]
 
     def num_params(self) -> int:
         return sum(p.numel() for p in self.parameters())

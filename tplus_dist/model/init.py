@@ -5,6 +5,7 @@ from __future__ import annotations
 import math
 from typing import TYPE_CHECKING
 
+import torch
 from torch import nn
 
 if TYPE_CHECKING:
@@ -12,9 +13,16 @@ if TYPE_CHECKING:
     from tplus_dist.model.decoder import Decoder
 
 
-def _normal(p: nn.Parameter | None, std: float) -> None:
-    if p is not None:
-        nn.init.normal_(p, mean=0.0, std=std)
+def module_weight(module: nn.Module) -> torch.Tensor:
+    """``module.weight``, typed: providers return plain nn.Modules."""
+    weight = module.weight
+    assert isinstance(weight, torch.Tensor), f"{type(module).__name__} has no weight tensor"
+    return weight
+
+
+def _normal(module: nn.Module | None, std: float) -> None:
+    if module is not None:
+        nn.init.normal_(module_weight(module), mean=0.0, std=std)
 
 
 def init_weights(model: Decoder, cfg: ModelConfig) -> None:
@@ -35,32 +43,32 @@ def init_weights(model: Decoder, cfg: ModelConfig) -> None:
             nn.init.zeros_(bias)
     if cfg.init == "t5":
         d, dkv, h = cfg.d_model, cfg.dim_head, cfg.n_heads
-        _normal(model.embed.weight, 1.0)
+        _normal(model.embed, 1.0)
         if model.pos_embed is not None:
-            _normal(model.pos_embed.weight, 1.0)
-        for layer in model.layers:
+            _normal(model.pos_embed, 1.0)
+        for layer in model.blocks():
             a, m = layer.attn, layer.mlp
-            _normal(a.wq.weight, (d * dkv) ** -0.5)
-            _normal(a.wk.weight, d**-0.5)
-            _normal(a.wv.weight, d**-0.5)
-            _normal(a.wo.weight, (h * dkv) ** -0.5)
+            _normal(a.wq, (d * dkv) ** -0.5)
+            _normal(a.wk, d**-0.5)
+            _normal(a.wv, d**-0.5)
+            _normal(a.wo, (h * dkv) ** -0.5)
             for lin in (m.w_gate, m.w_up):
                 if lin is not None:
-                    _normal(lin.weight, d**-0.5)
-            _normal(m.w_down.weight, cfg.ffn_dim**-0.5)
+                    _normal(lin, d**-0.5)
+            _normal(m.w_down, cfg.ffn_dim**-0.5)
         if model.head is not None:
-            _normal(model.head.weight, d**-0.5)
+            _normal(model.head, d**-0.5)
         return
     hidden_std = std / math.sqrt(cfg.width_mult) if cfg.init == "mup" else std
-    _normal(model.embed.weight, std)
+    _normal(model.embed, std)
     if model.pos_embed is not None:
-        _normal(model.pos_embed.weight, std)
-    for layer in model.layers:
+        _normal(model.pos_embed, std)
+    for layer in model.blocks():
         a, m = layer.attn, layer.mlp
         for lin in (a.wq, a.wk, a.wv, m.w_gate, m.w_up):
             if lin is not None:
-                _normal(lin.weight, hidden_std)
-        _normal(a.wo.weight, hidden_std * depth)
-        _normal(m.w_down.weight, hidden_std * depth)
+                _normal(lin, hidden_std)
+        _normal(a.wo, hidden_std * depth)
+        _normal(m.w_down, hidden_std * depth)
     if model.head is not None:
-        _normal(model.head.weight, std)
+        _normal(model.head, std)

@@ -1,10 +1,21 @@
-"""LayerNorm and RMSNorm, computed in fp32 whatever the activation dtype."""
+"""LayerNorm and RMSNorm, computed in fp32 whatever the activation dtype (fp64 stays fp64)."""
 
 from __future__ import annotations
+
+from typing import TYPE_CHECKING
 
 import torch
 import torch.nn.functional as F
 from torch import nn
+
+if TYPE_CHECKING:
+    from tplus_dist.backends.base import LayerProvider
+    from tplus_dist.config.model import ModelConfig, NormKind
+
+
+def _upcast(t: torch.Tensor) -> torch.Tensor:
+    """fp16/bf16 -> fp32; fp32 and fp64 unchanged (``.float()`` would round fp64 down)."""
+    return t.to(torch.promote_types(t.dtype, torch.float32))
 
 
 class RMSNorm(nn.Module):
@@ -17,8 +28,8 @@ class RMSNorm(nn.Module):
         self.weight = nn.Parameter(torch.zeros(dim) if unit_offset else torch.ones(dim))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        w = self.weight.float() + 1.0 if self.unit_offset else self.weight.float()
-        return F.rms_norm(x.float(), (x.shape[-1],), w, self.eps).type_as(x)
+        w = _upcast(self.weight) + 1.0 if self.unit_offset else _upcast(self.weight)
+        return F.rms_norm(_upcast(x), (x.shape[-1],), w, self.eps).type_as(x)
 
     def reset_parameters(self) -> None:
         nn.init.zeros_(self.weight) if self.unit_offset else nn.init.ones_(self.weight)
@@ -35,14 +46,19 @@ class LayerNorm(nn.Module):
         self.bias = nn.Parameter(torch.zeros(dim)) if bias else None
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        w = self.weight.float() + 1.0 if self.unit_offset else self.weight.float()
-        b = self.bias.float() if self.bias is not None else None
-        return F.layer_norm(x.float(), (x.shape[-1],), w, b, self.eps).type_as(x)
+        w = _upcast(self.weight) + 1.0 if self.unit_offset else _upcast(self.weight)
+        b = _upcast(self.bias) if self.bias is not None else None
+        return F.layer_norm(_upcast(x), (x.shape[-1],), w, b, self.eps).type_as(x)
 
     def reset_parameters(self) -> None:
         nn.init.zeros_(self.weight) if self.unit_offset else nn.init.ones_(self.weight)
         if self.bias is not None:
             nn.init.zeros_(self.bias)
+
+
+def make_norm(provider: LayerProvider, cfg: ModelConfig, dim: int, kind: NormKind | None = None) -> nn.Module:
+    """A norm of the model's kind (or ``kind``) with the model's eps, bias and gain convention."""
+    return provider.norm(kind or cfg.norm, dim, eps=cfg.norm_eps, bias=cfg.norm_bias, unit_offset=cfg.norm_unit_offset)
 
 
 def build_norm(kind: str, dim: int, *, eps: float, bias: bool, unit_offset: bool) -> nn.Module:

@@ -22,6 +22,9 @@ class Rotary(nn.Module):
     """RoPE (Su et al.) in the half-split layout Llama and GPT-NeoX use; rotates the first ``rot_dim``
     dimensions of each head (partial rotary) and leaves the rest."""
 
+    cos: torch.Tensor
+    sin: torch.Tensor
+
     def __init__(self, head_dim: int, rot_dim: int, theta: float, max_len: int) -> None:
         super().__init__()
         self.rot_dim = rot_dim
