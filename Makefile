@@ -3,6 +3,7 @@ PY ?= python3
 VENV ?= .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
+STREAMING := mosaicml-streaming==0.13.0
 # DeepSpeed/torch JIT builds land in the project, not $HOME, so CI and reruns reuse them
 export TORCH_EXTENSIONS_DIR ?= $(CURDIR)/.cache/torch_extensions
 
@@ -13,6 +14,8 @@ $(STAMP): pyproject.toml constraints.txt
 	# torch first and pinned: nothing later may pull a different (CUDA) build
 	$(BIN)/pip install -q torch==2.13.0
 	$(BIN)/pip install -q -c constraints.txt -e ".[dev]"
+	# without its declared dependencies: see pyproject.toml for why and for the ones it really uses
+	$(BIN)/pip install -q --no-deps $(STREAMING)
 	touch $@
 
 env: $(STAMP)

@@ -1,4 +1,4 @@
-"""`tplus`: train | bench | config."""
+"""`tplus`: train | bench | config | prepare."""
 
 from __future__ import annotations
 
@@ -12,6 +12,8 @@ commands:
   train CONFIG [--section.key=value ...]   train (a run directory under runs/ gets config, metrics, tensorboard)
   config CONFIG [--section.key=value ...]  print the resolved, validated config
   bench [--model PRESET] [...]             forward+backward tokens/s beside a nanoGPT-style reference
+  prepare --input PATH... --tokenizer SPEC --seq-len N --out DIR [...]
+                                           tokenize documents into packed MDS shards (tplus prepare --help)
 """
 
 
@@ -52,7 +54,13 @@ def cmd_bench(argv: list[str]) -> int:
     return bench_main(argv)
 
 
-COMMANDS = {"train": cmd_train, "config": cmd_config, "bench": cmd_bench}
+def cmd_prepare(argv: list[str]) -> int:
+    from tplus_dist.data.prepare import main as prepare_main
+
+    return prepare_main(argv)
+
+
+COMMANDS = {"train": cmd_train, "config": cmd_config, "bench": cmd_bench, "prepare": cmd_prepare}
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -86,7 +86,7 @@ def test_the_default_config_is_valid():
         (["--optim.betas=[0.9, 1.0]"], "optim.betas", "[0, 1)"),
         (["--schedule.min_lr=1.0"], "schedule.min_lr", "above the peak"),
         (["--train.seq_len=4096", "--model.seq_len=2048"], "train.seq_len", "longer than the model's context"),
-        (["--data.val_fraction=0"], "data.val_fraction", "(0, 1)"),
+        (["--data.val_fraction=1"], "data.val_fraction", "[0, 1)"),
     ],
 )
 def test_invalid_value_is_one_error_naming_field_and_reason(overrides: list[str], field: str, reason: str):

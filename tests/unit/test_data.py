@@ -4,10 +4,9 @@ from __future__ import annotations
 
 from pathlib import Path
 
-import numpy as np
 import pytest
 
-from tplus_dist.data import ByteTokenizer, HFTokenizer, TokenStream, build_tokenizer, read_documents, tokenize_documents
+from tplus_dist.data import ByteTokenizer, HFTokenizer, build_tokenizer, read_documents
 
 
 def test_builtin_corpus_is_real_text() -> None:
@@ -31,21 +30,6 @@ def test_trained_bpe_round_trips_and_saves(tmp_path: Path) -> None:
     tok.save(tmp_path / "tokenizer.json")
     again = build_tokenizer(str(tmp_path / "tokenizer.json"))
     assert again.encode(docs[1]) == tok.encode(docs[1])
-
-
-def test_documents_are_separated_by_eos() -> None:
-    ids = tokenize_documents(["ab", "c"], ByteTokenizer())
-    assert ids.tolist() == [97, 98, 256, 99, 256]
-
-
-def test_stream_windows_are_shifted_by_one_and_seeded() -> None:
-    tokens = np.arange(1000, dtype=np.uint16)
-    a, b = TokenStream(tokens, 16, seed=3), TokenStream(tokens, 16, seed=3)
-    x, y = a.batch(4)
-    assert (y[:, :-1] == x[:, 1:]).all() and (y[:, 0] == x[:, 0] + 1).all()
-    assert (b.batch(4)[0] == x).all()
-    a.reset()
-    assert (a.batch(4)[0] == x).all()
 
 
 def test_bad_sources_name_the_file(tmp_path: Path) -> None:

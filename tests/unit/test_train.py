@@ -23,8 +23,14 @@ FAST = [
 ]
 
 
+CACHE = Path(__file__).resolve().parents[2] / ".cache" / "tplus-tests"
+
+
 def _cfg(tmp_path: Path, *extra: str):
-    return load_config("configs/tiny.yaml", [*FAST, f"--log.run_dir={tmp_path}/{{name}}", *extra])
+    # one prepared corpus (pydoc, bytes, seq 64) shared by the tests: prepared on first use, then reused
+    return load_config(
+        "configs/tiny.yaml", [*FAST, f"--log.run_dir={tmp_path}/{{name}}", f"--data.cache_dir={CACHE}", *extra]
+    )
 
 
 def test_tiny_preset_loss_falls(tmp_path: Path) -> None:
@@ -56,9 +62,20 @@ def test_run_directory_has_config_metrics_and_tensorboard(tmp_path: Path) -> Non
     run_dir, _history = train(_cfg(tmp_path, "--train.steps=4", "--train.eval_interval=2"))
     rows = read_metrics(run_dir)
     assert [r["step"] for r in rows] == [1, 2, 3, 4]
-    for key in ("loss", "lr", "grad_norm", "tokens", "tokens_per_s", "step_time", "batch_size"):
+    for key in (
+        "loss",
+        "lr",
+        "grad_norm",
+        "tokens",
+        "tokens_per_s",
+        "step_time",
+        "batch_size",
+        "first_sample",
+        "last_sample",
+    ):
         assert all(key in r for r in rows), key
     assert "val_loss" in rows[1] and "val_loss" in rows[3]
+    assert [(r["first_sample"], r["last_sample"]) for r in rows] == [(0, 7), (8, 15), (16, 23), (24, 31)]
     assert load_config(run_dir / "config.yaml").train.steps == 4  # the resolved config reloads
     assert list((run_dir / "tensorboard").glob("events.out.tfevents.*"))
 
@@ -84,7 +101,14 @@ def test_optimizers_and_schedules_train(tmp_path: Path) -> None:
 
 
 def test_cli_train_and_bad_config_writes_nothing(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
-    args = ["train", "configs/tiny.yaml", *FAST, "--train.steps=2", f"--log.run_dir={tmp_path}/ok"]
+    args = [
+        "train",
+        "configs/tiny.yaml",
+        *FAST,
+        "--train.steps=2",
+        f"--log.run_dir={tmp_path}/ok",
+        f"--data.cache_dir={CACHE}",
+    ]
     assert main(args) == 0
     assert (tmp_path / "ok" / "metrics.jsonl").is_file()
     bad = ["train", "configs/tiny.yaml", "--model.n_kv_heads=3", f"--log.run_dir={tmp_path}/bad"]
@@ -97,16 +121,116 @@ def test_cli_train_and_bad_config_writes_nothing(tmp_path: Path, capsys: pytest.
     assert not (tmp_path / "bad").exists()
 
 
-def test_tokenizer_larger_than_vocab_is_refused_before_writing(tmp_path: Path) -> None:
-    assert main(["train", "configs/tiny.yaml", "--model.vocab_size=100", f"--log.run_dir={tmp_path}/x"]) == 2
+def test_tokenizer_larger_than_vocab_is_refused_before_writing(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    args = [
+        "train",
+        "configs/tiny.yaml",
+        *FAST,
+        "--model.vocab_size=100",
+        f"--log.run_dir={tmp_path}/x",
+        f"--data.cache_dir={CACHE}",
+    ]
+    assert main(args) == 2
+    assert "model.vocab_size" in capsys.readouterr().err
     assert not (tmp_path / "x").exists()
+
+
+def test_shards_of_another_seq_len_are_refused(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    shards = next(CACHE.glob("prepared/*/manifest.json"), None)
+    if shards is None:
+        train(_cfg(tmp_path / "prep", "--train.steps=1"))
+        shards = next(CACHE.glob("prepared/*/manifest.json"))
+    args = [
+        "train",
+        "configs/tiny.yaml",
+        *FAST,
+        "--model.seq_len=32",
+        f"--data.shards={shards.parent}",
+        f"--log.run_dir={tmp_path}/x",
+    ]
+    assert main(args) == 2
+    assert "train.seq_len" in capsys.readouterr().err
+    assert not (tmp_path / "x").exists()
+
+
+def test_resumed_run_equals_uninterrupted_run(tmp_path: Path) -> None:
+    """Stopped mid-epoch at step 5 and resumed from its saved state, the run consumes the same samples and
+    computes the same losses, bit for bit, as one that never stopped (CPU, fp32), across a growing batch."""
+    import torch
+
+    from tplus_dist.train.run import build_trainer
+
+    ramp = [
+        "--train.steps=12",
+        "--train.micro_batch_size=4",
+        "--train.grad_accum=3",
+        "--train.batch_size_start=4",
+        "--train.batch_size_increment=4",
+        "--train.batch_ramp_tokens=2048",
+        "--schedule.unit=tokens",
+        "--schedule.warmup_tokens=1024",
+        "--train.eval_interval=0",
+    ]
+    _, full = train(_cfg(tmp_path / "full", *ramp))
+    trainer, _ = build_trainer(_cfg(tmp_path / "part", *ramp))
+    head = trainer.fit(until=5)
+    torch.save(trainer.state_dict(), tmp_path / "state.pt")
+    del trainer
+    resumed, _ = build_trainer(_cfg(tmp_path / "resumed", *ramp))
+    resumed.load_state_dict(torch.load(tmp_path / "state.pt", weights_only=False))
+    tail = resumed.fit()
+    keys = ("loss", "lr", "grad_norm", "batch_size", "first_sample", "last_sample", "tokens")
+    assert [[m[k] for k in keys] for m in head + tail] == [[m[k] for k in keys] for m in full]
+
+
+def test_growing_batch_follows_its_schedule_and_the_token_clock(tmp_path: Path) -> None:
+    ramp = [
+        "--train.steps=10",
+        "--train.micro_batch_size=2",
+        "--train.grad_accum=4",
+        "--train.batch_size_start=2",
+        "--train.batch_size_increment=2",
+        "--train.batch_ramp_tokens=1536",
+        "--schedule.unit=tokens",
+        "--schedule.warmup_tokens=2048",
+        "--train.eval_interval=0",
+    ]
+    _, h = train(_cfg(tmp_path, *ramp))
+    # +2 sequences every 512 tokens (8 sequences of 64) consumed, from 2 to 8
+    expected, tokens = [], 0
+    for _ in range(10):
+        b = min(8, 2 + 2 * (tokens // 512))
+        expected.append(b)
+        tokens += b * 64
+    assert [m["batch_size"] for m in h] == expected
+    assert [m["tokens"] for m in h][-1] == tokens
+    # warmup counts tokens: lr = peak * tokens_after / warmup_tokens while below warmup
+    peak = 3e-3
+    for m in h:
+        if m["tokens"] < 2048:
+            assert m["lr"] == pytest.approx(peak * m["tokens"] / 2048)
+
+
+def test_growing_batch_needs_the_token_clock(capsys: pytest.CaptureFixture[str]) -> None:
+    args = [
+        "config",
+        "configs/tiny.yaml",
+        "--train.grad_accum=4",
+        "--train.batch_size_start=16",
+        "--train.batch_size_increment=16",
+        "--train.batch_ramp_tokens=1000",
+    ]
+    assert main(args) == 2
+    assert "schedule.unit" in capsys.readouterr().err
 
 
 def test_cli_surface_is_frozen(capsys: pytest.CaptureFixture[str]) -> None:
     """Other tools call these commands: changing them is a breaking change, so it must be deliberate."""
     from tplus_dist.cli import COMMANDS
 
-    assert sorted(COMMANDS) == ["bench", "config", "train"]
+    assert sorted(COMMANDS) == ["bench", "config", "prepare", "train"]
     assert main(["--help"]) == 0
     assert main(["nope"]) == 2
 
@@ -122,3 +246,43 @@ def test_metrics_lines_are_json(tmp_path: Path) -> None:
     for line in (run_dir / "metrics.jsonl").read_text().splitlines():
         json.loads(line)
     assert not (run_dir / "tensorboard").exists()
+
+
+def test_training_from_an_s3_remote_equals_training_from_the_local_shards(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The whole path on a remote: manifest download, shard download into the cache, same samples, same losses."""
+    import boto3
+    from moto.server import ThreadedMotoServer
+
+    _, local = train(_cfg(tmp_path / "local", "--train.steps=4"))
+    shards = next(CACHE.glob("prepared/*/manifest.json")).parent
+    server = ThreadedMotoServer(ip_address="127.0.0.1", port=0)
+    server.start()
+    try:
+        host, port = server.get_host_and_port()
+        env = {
+            "S3_ENDPOINT_URL": f"http://{host}:{port}",
+            "AWS_ACCESS_KEY_ID": "test",
+            "AWS_SECRET_ACCESS_KEY": "test",
+            "AWS_DEFAULT_REGION": "us-east-1",
+        }
+        for k, v in env.items():
+            monkeypatch.setenv(k, v)
+        s3 = boto3.client("s3", endpoint_url=env["S3_ENDPOINT_URL"])
+        s3.create_bucket(Bucket="corpus")
+        for f in shards.rglob("*"):
+            if f.is_file() and not f.name.endswith(".mds"):  # the compressed shards, as prepare wrote them
+                s3.upload_file(str(f), "corpus", f"tiny/{f.relative_to(shards)}")
+        _, remote = train(
+            _cfg(
+                tmp_path / "remote",
+                "--train.steps=4",
+                "--data.shards=s3://corpus/tiny",
+                f"--data.cache_dir={tmp_path}/s3cache",
+            )
+        )
+    finally:
+        server.stop()
+    assert [m["loss"] for m in remote] == [m["loss"] for m in local]
+    assert list((tmp_path / "s3cache" / "remote").glob("*/train/index.json"))

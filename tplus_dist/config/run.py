@@ -61,8 +61,14 @@ class RunConfig:
             "train.seq_len",
             f"({self.seq_len}) is longer than the model's context model.seq_len ({self.model.seq_len})",
         )
-        if self.model.sliding_window is not None:
-            pass  # a window longer than train.seq_len is legal: it is simply never reached
+        check(
+            self.train.batch_size_start is None
+            or self.train.batch_size_start == self.train.micro_batch_size * self.train.grad_accum
+            or self.schedule.unit == "tokens",
+            "schedule.unit",
+            "a growing batch (train.batch_size_start) needs the token clock: set schedule.unit: tokens "
+            "(with warmup_tokens), so warmup and decay stay right as the batch grows",
+        )
         check(
             self.schedule.decay_steps is None or self.schedule.decay_steps >= self.schedule.warmup_steps,
             "schedule.decay_steps",

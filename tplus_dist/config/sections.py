@@ -82,6 +82,13 @@ class ScheduleConfig:
     """Steps from the start to the end of decay. None: train.steps."""
     min_lr: float = 1e-5
     """The floor the decay ends on."""
+    unit: Literal["steps", "tokens"] = "steps"
+    """The clock of warmup and decay: optimizer steps, or tokens (required with a growing batch, so that
+    warmup and decay stay right as the batch grows)."""
+    warmup_tokens: int = 0
+    """unit tokens: linear warmup over this many tokens."""
+    decay_tokens: int | None = None
+    """unit tokens: tokens from the start to the end of decay. None: the run's total tokens."""
     wsd_decay_fraction: float = 0.2
     """wsd: the last fraction of decay_steps that decays (linearly) to min_lr."""
 
@@ -90,29 +97,46 @@ class ScheduleConfig:
         check(self.warmup_steps >= 0, p + "warmup_steps", f"must be >= 0, got {self.warmup_steps}")
         check(self.decay_steps is None or self.decay_steps > 0, p + "decay_steps", "must be positive")
         check(self.min_lr >= 0, p + "min_lr", f"must be >= 0, got {self.min_lr}")
+        check(self.warmup_tokens >= 0, p + "warmup_tokens", f"must be >= 0, got {self.warmup_tokens}")
+        check(self.decay_tokens is None or self.decay_tokens > 0, p + "decay_tokens", "must be positive")
         check(0 < self.wsd_decay_fraction <= 1, p + "wsd_decay_fraction", "must be in (0, 1]")
 
 
 @dataclass
 class DataConfig:
-    """Training text and tokenizer."""
+    """Training data: prepared shards (``tplus prepare``), local or remote, read in a global order."""
 
+    shards: str | None = None
+    """A directory written by `tplus prepare`, or its remote URI (s3://bucket/path; S3_ENDPOINT_URL picks a
+    non-AWS endpoint). None: `source` is prepared on first use into cache_dir and reused."""
     source: str = "builtin:pydoc"
-    """builtin:pydoc (Python's own documentation, ~460 KB of English that every Python carries),
-    or a path/glob of .txt files."""
+    """When shards is None: what to prepare. builtin:pydoc (Python's own documentation, ~460 KB of English
+    that every Python carries), or paths/globs of .txt/.jsonl(.gz/.zst)/.parquet files."""
     tokenizer: str = "bytes"
-    """bytes (byte-level, 256 ids + EOS), train:N (byte-level BPE of N tokens trained on the source
-    with the tokenizers library), or a path to a tokenizer.json."""
+    """When shards is None: bytes (byte-level, 256 ids + EOS), train:N (byte-level BPE of N tokens trained
+    on the source), a tokenizer.json, or a tiktoken BPE file."""
     val_fraction: float = 0.05
-    """Held-out tail of the corpus for the validation loss."""
+    """When shards is None: the share of documents held out for the validation loss."""
+    cache_dir: str = ".cache/tplus"
+    """Local cache: downloaded remote shards and automatically prepared corpora."""
+    shuffle: bool = True
+    """Shuffle the sample order (per epoch, seeded); false reads the shards in order."""
+    shuffle_block_shards: int = 8
+    """Shuffle within blocks of this many shards (fewer shards in flight when streaming from a remote)."""
+    seed: int | None = None
+    """Seed of the sample order. None: train.seed."""
+    num_workers: int = 0
+    """DataLoader worker processes that prefetch batches (0: read in the training process)."""
 
     def validate(self, prefix: str = "data") -> None:
         p = prefix + "."
-        check(0 < self.val_fraction < 1, p + "val_fraction", f"must be in (0, 1), got {self.val_fraction}")
+        check(0 <= self.val_fraction < 1, p + "val_fraction", f"must be in [0, 1), got {self.val_fraction}")
         if self.tokenizer.startswith("train:"):
             n = self.tokenizer.split(":", 1)[1]
             check(n.isdigit() and int(n) > 257, p + "tokenizer", f"train:N needs an integer N > 257, got {n!r}")
-        check(bool(self.source), p + "source", "must name a corpus")
+        check(bool(self.source) or self.shards is not None, p + "source", "must name a corpus (or set shards)")
+        check(self.shuffle_block_shards > 0, p + "shuffle_block_shards", "must be positive")
+        check(self.num_workers >= 0, p + "num_workers", f"must be >= 0, got {self.num_workers}")
 
 
 @dataclass
@@ -126,7 +150,14 @@ class TrainConfig:
     grad_accum: int = 1
     """Micro-batches per optimizer step; global batch = micro_batch_size * grad_accum (x data-parallel)."""
     seq_len: int | None = None
-    """Training sequence length. None: model.seq_len."""
+    """Training sequence length. None: model.seq_len. Prepared shards must hold samples of this length."""
+    batch_size_start: int | None = None
+    """Growing batch: the global batch (sequences) to start from. None: no ramp, the batch is
+    micro_batch_size * grad_accum (x data-parallel ranks) throughout, which is also where a ramp ends."""
+    batch_size_increment: int = 0
+    """Growing batch: sequences added at each increase (a multiple of micro_batch_size x data-parallel)."""
+    batch_ramp_tokens: int = 0
+    """Growing batch: tokens over which the batch grows from batch_size_start to its full size."""
     seed: int = 1234
     """Seeds parameters, data order and dropout: two runs with the same seed give the same losses."""
     device: Literal["auto", "cpu", "cuda"] = "auto"
@@ -146,6 +177,32 @@ class TrainConfig:
             check(getattr(self, name) > 0, p + name, f"must be positive, got {getattr(self, name)}")
         check(self.eval_interval >= 0, p + "eval_interval", "must be >= 0 (0 disables)")
         check(self.seq_len is None or self.seq_len > 0, p + "seq_len", "must be positive")
+        if self.batch_size_start is not None:
+            end = self.micro_batch_size * self.grad_accum
+            m = self.micro_batch_size
+            check(self.batch_size_start > 0, p + "batch_size_start", "must be positive")
+            check(
+                self.batch_size_start <= end,
+                p + "batch_size_start",
+                f"({self.batch_size_start}) is above the full batch micro_batch_size * grad_accum ({end})",
+            )
+            check(
+                self.batch_size_start % m == 0, p + "batch_size_start", f"must be a multiple of micro_batch_size ({m})"
+            )
+            if self.batch_size_start < end:
+                inc = self.batch_size_increment
+                check(
+                    inc > 0 and inc % m == 0,
+                    p + "batch_size_increment",
+                    f"must be a positive multiple of micro_batch_size ({m}), got {inc}",
+                )
+                check(
+                    (end - self.batch_size_start) % inc == 0,
+                    p + "batch_size_increment",
+                    f"({inc}) must divide the growth {end - self.batch_size_start} "
+                    f"(from batch_size_start {self.batch_size_start} to {end})",
+                )
+                check(self.batch_ramp_tokens > 0, p + "batch_ramp_tokens", "must be positive when the batch grows")
 
 
 @dataclass

@@ -1,14 +1,6 @@
-"""Tokenizers, corpora and the batches the trainer reads."""
+"""Data: tokenizers, `tplus prepare` (corpus -> MDS shards), and the loader (global sample order, growing batch)."""
 
-from tplus_dist.data.corpus import TokenStream, read_documents, tokenize_documents
+from tplus_dist.data.corpus import read_documents
 from tplus_dist.data.tokenizers import ByteTokenizer, HFTokenizer, Tokenizer, build_tokenizer
 
-__all__ = [
-    "ByteTokenizer",
-    "HFTokenizer",
-    "TokenStream",
-    "Tokenizer",
-    "build_tokenizer",
-    "read_documents",
-    "tokenize_documents",
-]
+__all__ = ["ByteTokenizer", "HFTokenizer", "Tokenizer", "build_tokenizer", "read_documents"]

@@ -48,8 +48,12 @@ def build_optimizer(model: nn.Module, optim_cfg: OptimConfig, model_cfg: ModelCo
 
 
 def build_scheduler(
-    optimizer: torch.optim.Optimizer, sched_cfg: ScheduleConfig, optim_cfg: OptimConfig, total_steps: int
+    optimizer: torch.optim.Optimizer,
+    sched_cfg: ScheduleConfig,
+    optim_cfg: OptimConfig,
+    total_steps: int,
+    total_tokens: int | None = None,
 ) -> Scheduler:
-    """The per-step lr (times each group's lr_scale) and weight-decay writer; ``total_steps`` is the default
-    end of the decay (``schedule.decay_steps`` overrides it)."""
-    return Scheduler(optimizer, sched_cfg, optim_cfg, total_steps)
+    """The per-step lr (times each group's lr_scale) and weight-decay writer. ``total_steps`` (``total_tokens`` on
+    the token clock) is the default end of the decay; ``schedule.decay_steps`` / ``decay_tokens`` override it."""
+    return Scheduler(optimizer, sched_cfg, optim_cfg, total_steps, total_tokens=total_tokens)

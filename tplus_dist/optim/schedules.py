@@ -26,13 +26,23 @@ from tplus_dist.optim.param_groups import group_weight_decay
 
 def lr_at(step: int, sched_cfg: ScheduleConfig, peak_lr: float, total_steps: int) -> float:
     """The base learning rate of the update after ``step`` completed steps (see the module docstring)."""
-    s = step + 1
-    warmup = sched_cfg.warmup_steps
+    end = sched_cfg.decay_steps if sched_cfg.decay_steps is not None else total_steps
+    return _lr(step + 1, sched_cfg.warmup_steps, end, sched_cfg, peak_lr)
+
+
+def lr_at_tokens(tokens_after: int, sched_cfg: ScheduleConfig, peak_lr: float, total_tokens: int) -> float:
+    """The base learning rate of the update that brings the run to ``tokens_after`` tokens (the token clock:
+    warmup and decay stay right when the batch grows)."""
+    end = sched_cfg.decay_tokens if sched_cfg.decay_tokens is not None else total_tokens
+    return _lr(tokens_after, sched_cfg.warmup_tokens, end, sched_cfg, peak_lr)
+
+
+def _lr(s: int, warmup: int, end: int, sched_cfg: ScheduleConfig, peak_lr: float) -> float:
+    """The schedule at progress ``s`` (1-based update number, or tokens after the update)."""
     if s < warmup:
         return peak_lr * s / warmup
     if sched_cfg.name == "constant":
         return peak_lr
-    end = sched_cfg.decay_steps if sched_cfg.decay_steps is not None else total_steps
     floor = sched_cfg.min_lr
     if s >= end:
         return floor
@@ -61,16 +71,26 @@ class Scheduler:
         optim_cfg: OptimConfig,
         total_steps: int,
         last_step: int = 0,
+        total_tokens: int | None = None,
     ) -> None:
         self.optimizer = optimizer
         self.sched_cfg = sched_cfg
         self.optim_cfg = optim_cfg
         self.total_steps = total_steps
+        self.total_tokens = total_tokens
         self.last_step = last_step
+        self.tokens_after = 0
+        """Token clock: tokens seen after the next update (set by `update`)."""
+        if sched_cfg.unit == "tokens" and total_tokens is None and sched_cfg.decay_tokens is None:
+            raise ValueError("a token-clock schedule needs total_tokens or schedule.decay_tokens")
         self._apply()
 
     def _apply(self) -> None:
-        base = lr_at(self.last_step, self.sched_cfg, self.optim_cfg.lr, self.total_steps)
+        if self.sched_cfg.unit == "tokens":
+            total = self.total_tokens if self.total_tokens is not None else 0
+            base = lr_at_tokens(max(self.tokens_after, 1), self.sched_cfg, self.optim_cfg.lr, total)
+        else:
+            base = lr_at(self.last_step, self.sched_cfg, self.optim_cfg.lr, self.total_steps)
         self._lr = base
         for group in self.optimizer.param_groups:
             scale = group.setdefault("lr_scale", 1.0)
@@ -91,9 +111,17 @@ class Scheduler:
         self.last_step += 1
         self._apply()
 
+    def update(self, step: int, tokens_after: int) -> None:
+        """Write the rates of the update after ``step`` completed steps that brings the run to ``tokens_after``
+        tokens (the trainer calls this before each optimizer step; it knows the step's batch size)."""
+        self.last_step = step
+        self.tokens_after = tokens_after
+        self._apply()
+
     def state_dict(self) -> dict[str, Any]:
-        return {"last_step": self.last_step}
+        return {"last_step": self.last_step, "tokens_after": self.tokens_after}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         self.last_step = int(state["last_step"])
+        self.tokens_after = int(state.get("tokens_after", 0))
         self._apply()

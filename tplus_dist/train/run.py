@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import hashlib
+import json
 import os
 import random
 from dataclasses import dataclass
@@ -12,12 +14,17 @@ import numpy as np
 import torch
 
 from tplus_dist.config import ConfigError, RunConfig
-from tplus_dist.data import HFTokenizer, Tokenizer, TokenStream, build_tokenizer, read_documents, tokenize_documents
+from tplus_dist.data.corpus import read_documents
+from tplus_dist.data.loader import EvalBatches, ShardBatches, fetch_manifest, open_split
+from tplus_dist.data.order import BatchRamp
 from tplus_dist.model import build_model
 from tplus_dist.optim import build_optimizer, build_scheduler
 from tplus_dist.train.hooks import ConsoleHook, EvalHook, MetricsFileHook
 from tplus_dist.train.metrics import MetricsWriter, device_peak_flops
 from tplus_dist.train.trainer import Trainer
+
+PREPARE_FORMAT = 1
+"""Bump when prepare's output changes, so that cached automatic preparations are redone."""
 
 
 def resolve_device(choice: str) -> torch.device:
@@ -36,29 +43,87 @@ def seed_everything(seed: int) -> None:
 
 @dataclass
 class Data:
-    tokenizer: Tokenizer
-    train: TokenStream
-    val: TokenStream
+    train: ShardBatches
+    val: EvalBatches | None
+    shards: str
+    manifest: dict[str, Any]
 
 
-def build_data(cfg: RunConfig) -> Data:
-    """Read, tokenize and split the corpus; checks the tokenizer fits the model before any work is saved."""
-    docs = read_documents(cfg.data.source)
-    tokenizer = build_tokenizer(cfg.data.tokenizer, docs)
-    if tokenizer.vocab_size > cfg.model.vocab_size:
+def ensure_prepared(cfg: RunConfig) -> str:
+    """data.shards, or the source prepared once into the cache (keyed by what determines its content)."""
+    if cfg.data.shards is not None:
+        return cfg.data.shards
+    from tplus_dist.data.prepare import prepare
+
+    d = cfg.data
+    key = json.dumps([PREPARE_FORMAT, d.source, d.tokenizer, cfg.seq_len, d.val_fraction], sort_keys=True)
+    out = Path(d.cache_dir) / "prepared" / hashlib.sha256(key.encode()).hexdigest()[:16]
+    if (out / "manifest.json").is_file():
+        return str(out)
+    inputs = [d.source]
+    if d.source == "builtin:pydoc":
+        # Python's help topics, written once as JSON lines so prepare reads them like any corpus
+        src = out.with_name(out.name + "-pydoc.jsonl")
+        src.parent.mkdir(parents=True, exist_ok=True)
+        src.write_text("".join(json.dumps({"text": t}) + "\n" for t in read_documents("builtin:pydoc")))
+        inputs = [str(src)]
+    print(f"tplus: preparing {d.source} ({d.tokenizer}, seq_len {cfg.seq_len}) into {out}", flush=True)
+    prepare(inputs=inputs, tokenizer=d.tokenizer, seq_len=cfg.seq_len, out=out, val_fraction=d.val_fraction)
+    return str(out)
+
+
+def batch_ramp(cfg: RunConfig, dp_size: int = 1) -> BatchRamp:
+    t = cfg.train
+    return BatchRamp(
+        end=t.micro_batch_size * t.grad_accum * dp_size,
+        start=None if t.batch_size_start is None else t.batch_size_start * dp_size,
+        increment=t.batch_size_increment * dp_size,
+        ramp_tokens=t.batch_ramp_tokens,
+    )
+
+
+def total_tokens(cfg: RunConfig, ramp: BatchRamp) -> int:
+    """Tokens the whole run consumes (the token clock's default end of decay)."""
+    tokens = 0
+    for _ in range(cfg.train.steps):
+        tokens += ramp.batch_size(tokens) * cfg.seq_len
+    return tokens
+
+
+def build_data(cfg: RunConfig, dp_size: int = 1, dp_rank: int = 0) -> Data:
+    """Open the shards and check they fit the model and the run, before any work is saved."""
+    shards = ensure_prepared(cfg)
+    manifest = fetch_manifest(shards, cfg.data.cache_dir)
+    if manifest["seq_len"] != cfg.seq_len:
+        raise ConfigError(
+            "train.seq_len",
+            f"({cfg.seq_len}) differs from the seq_len {manifest['seq_len']} the shards at {shards} were prepared with",
+        )
+    vocab = manifest["tokenizer"]["vocab_size"]
+    if vocab > cfg.model.vocab_size:
         raise ConfigError(
             "model.vocab_size",
-            f"({cfg.model.vocab_size}) is smaller than the tokenizer's vocabulary ({tokenizer.vocab_size}, "
-            f"data.tokenizer={cfg.data.tokenizer})",
+            f"({cfg.model.vocab_size}) is smaller than the tokenizer's vocabulary ({vocab}) of the shards at {shards}",
         )
-    tokens = tokenize_documents(docs, tokenizer)
-    n_val = max(int(len(tokens) * cfg.data.val_fraction), cfg.seq_len + 2)
-    if len(tokens) - n_val < cfg.seq_len + 2:
-        raise ValueError(f"data.source: {len(tokens)} tokens is too little text for seq_len {cfg.seq_len}")
-    # validation is the tail: no training window overlaps it
-    train = TokenStream(tokens[:-n_val], cfg.seq_len, seed=cfg.train.seed)
-    val = TokenStream(tokens[-n_val:], cfg.seq_len, seed=cfg.train.seed + 1)
-    return Data(tokenizer, train, val)
+    d = cfg.data
+    train = ShardBatches(
+        open_split(shards, "train", d.cache_dir),
+        cfg.seq_len,
+        cfg.train.micro_batch_size,
+        batch_ramp(cfg, dp_size),
+        seed=d.seed if d.seed is not None else cfg.train.seed,
+        shuffle=d.shuffle,
+        block_shards=d.shuffle_block_shards,
+        dp_size=dp_size,
+        dp_rank=dp_rank,
+        num_workers=d.num_workers,
+    )
+    val = None
+    if manifest["splits"].get("val", {}).get("samples", 0) > 0 and cfg.train.eval_interval > 0:
+        val = EvalBatches(
+            open_split(shards, "val", d.cache_dir), cfg.seq_len, cfg.train.micro_batch_size, cfg.train.eval_batches
+        )
+    return Data(train, val, shards, manifest)
 
 
 def make_run_dir(cfg: RunConfig) -> Path:
@@ -72,8 +137,8 @@ def make_run_dir(cfg: RunConfig) -> Path:
     return path
 
 
-def train(cfg: RunConfig, run_dir: Path | None = None) -> tuple[Path, list[dict[str, Any]]]:
-    """Train as configured; returns the run directory and the per-step metrics."""
+def build_trainer(cfg: RunConfig, run_dir: Path | None = None) -> tuple[Trainer, Path]:
+    """Everything a run needs, checked before anything is written; returns the trainer and its directory."""
     cfg.validate()
     device = resolve_device(cfg.train.device)
     torch.set_num_threads(int(os.environ.get("TPLUS_NUM_THREADS", torch.get_num_threads())))
@@ -82,15 +147,16 @@ def train(cfg: RunConfig, run_dir: Path | None = None) -> tuple[Path, list[dict[
     run_dir = run_dir or make_run_dir(cfg)
     run_dir.mkdir(parents=True, exist_ok=True)
     (run_dir / "config.yaml").write_text(cfg.to_yaml())
-    if isinstance(data.tokenizer, HFTokenizer):
-        data.tokenizer.save(run_dir / "tokenizer.json")
+    (run_dir / "data_manifest.json").write_text(json.dumps({"shards": data.shards, **data.manifest}, indent=1))
 
     torch.manual_seed(cfg.train.seed)
     model = build_model(cfg.model).to(device)
     if cfg.train.compile:
         model = torch.compile(model)  # type: ignore[assignment]
     optimizer = build_optimizer(model, cfg.optim, cfg.model)
-    scheduler = build_scheduler(optimizer, cfg.schedule, cfg.optim, cfg.train.steps)
+    scheduler = build_scheduler(
+        optimizer, cfg.schedule, cfg.optim, cfg.train.steps, total_tokens=total_tokens(cfg, data.train.ramp)
+    )
     writer = MetricsWriter(run_dir, tensorboard=cfg.log.tensorboard)
     hooks = [
         EvalHook(cfg.train.eval_interval),
@@ -108,7 +174,12 @@ def train(cfg: RunConfig, run_dir: Path | None = None) -> tuple[Path, list[dict[
         hooks,
         peak_flops=device_peak_flops(device, cfg.log.peak_tflops),
     )
-    n = sum(p.numel() for p in model.parameters())
-    print(f"tplus: {n / 1e6:.2f}M parameters on {device}; writing {run_dir}", flush=True)
-    history = trainer.fit()
-    return run_dir, history
+    return trainer, run_dir
+
+
+def train(cfg: RunConfig, run_dir: Path | None = None) -> tuple[Path, list[dict[str, Any]]]:
+    """Train as configured; returns the run directory and the per-step metrics."""
+    trainer, run_dir = build_trainer(cfg, run_dir)
+    n = sum(p.numel() for p in trainer.model.parameters())
+    print(f"tplus: {n / 1e6:.2f}M parameters on {trainer.device}; writing {run_dir}", flush=True)
+    return run_dir, trainer.fit()

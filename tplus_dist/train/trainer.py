@@ -4,28 +4,42 @@ from __future__ import annotations
 
 import contextlib
 import math
+import random
 import time
+from collections.abc import Iterable
 from dataclasses import dataclass
 from typing import Any, Protocol
 
+import numpy as np
 import torch
 from torch import nn
 
 from tplus_dist.config import RunConfig
+from tplus_dist.data.loader import StepBatch
 from tplus_dist.model.loss import lm_loss
 from tplus_dist.optim import clip_grad_norm
 from tplus_dist.train.hooks import Hook
 from tplus_dist.train.metrics import mfu
 
 
-class BatchSource(Protocol):
-    def batch(self, batch_size: int) -> tuple[torch.Tensor, torch.Tensor]: ...
+class StepSource(Protocol):
+    """Where the training batches come from (data.loader.ShardBatches)."""
+
+    def next_step(self) -> StepBatch: ...
+
+    def state_dict(self) -> dict[str, Any]: ...
+
+    def load_state_dict(self, state: dict[str, Any]) -> None: ...
 
 
 class LRScheduler(Protocol):
-    def step(self) -> None: ...
+    def update(self, step: int, tokens_after: int) -> None: ...
 
     def get_lr(self) -> float: ...
+
+    def state_dict(self) -> dict[str, Any]: ...
+
+    def load_state_dict(self, state: dict[str, Any]) -> None: ...
 
 
 @dataclass
@@ -40,6 +54,24 @@ class NonFiniteLossError(RuntimeError):
     pass
 
 
+def rng_state() -> dict[str, Any]:
+    """Python, NumPy and torch (CPU and CUDA) generator states of this process."""
+    return {
+        "python": random.getstate(),
+        "numpy": np.random.get_state(),
+        "torch": torch.get_rng_state(),
+        "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else [],
+    }
+
+
+def set_rng_state(state: dict[str, Any]) -> None:
+    random.setstate(state["python"])
+    np.random.set_state(state["numpy"])
+    torch.set_rng_state(state["torch"])
+    if state["cuda"] and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+
+
 class Trainer:
     def __init__(
         self,
@@ -47,8 +79,8 @@ class Trainer:
         model: nn.Module,
         optimizer: torch.optim.Optimizer,
         scheduler: LRScheduler,
-        train_data: BatchSource,
-        val_data: BatchSource | None,
+        train_data: StepSource,
+        val_data: Iterable[tuple[torch.Tensor, torch.Tensor]] | None,
         device: torch.device,
         hooks: list[Hook] | None = None,
         peak_flops: float | None = None,
@@ -94,27 +126,28 @@ class Trainer:
         return {"loss": loss.item(), **{k: v.item() for k, v in parts.items()}}
 
     def train_step(self) -> dict[str, Any]:
-        """One optimizer step over grad_accum micro-batches; returns the step's metrics."""
-        tcfg = self.cfg.train
+        """One optimizer step over this step's micro-batches (their number grows with the batch ramp)."""
         self.model.train()
         t0 = time.perf_counter()
+        batch = self.train_data.next_step()
         self.optimizer.zero_grad(set_to_none=True)
         totals: dict[str, float] = {}
-        for _ in range(tcfg.grad_accum):
-            tokens, targets = self.train_data.batch(tcfg.micro_batch_size)
-            parts = self.forward_backward_step(tokens, targets, 1.0 / tcfg.grad_accum)
+        n_micro = len(batch.micro_batches)
+        for mb in batch.micro_batches:
+            # equal-sized micro-batches: the mean of their means is the mean over the global batch
+            parts = self.forward_backward_step(mb.tokens, mb.targets, 1.0 / n_micro)
             for k, v in parts.items():
-                totals[k] = totals.get(k, 0.0) + v / tcfg.grad_accum
+                totals[k] = totals.get(k, 0.0) + v / n_micro
         if not math.isfinite(totals["loss"]):
             raise NonFiniteLossError(f"loss is {totals['loss']} at step {self.state.step + 1}")
         grad_norm = clip_grad_norm(self.model.parameters(), self.cfg.optim.grad_clip)
+        n_tokens = batch.global_batch * self.seq_len
+        self.scheduler.update(self.state.step, self.state.tokens + n_tokens)
         lr = self.scheduler.get_lr()
         self.optimizer.step()
-        self.scheduler.step()
         if self.device.type == "cuda":
             torch.cuda.synchronize(self.device)
         dt = time.perf_counter() - t0
-        n_tokens = tcfg.grad_accum * tcfg.micro_batch_size * self.seq_len
         self.state.step += 1
         self.state.tokens += n_tokens
         tok_s = n_tokens / dt
@@ -123,7 +156,9 @@ class Trainer:
             "lr": lr,
             "grad_norm": grad_norm,
             "tokens": self.state.tokens,
-            "batch_size": tcfg.grad_accum * tcfg.micro_batch_size,
+            "batch_size": batch.global_batch,
+            "first_sample": batch.first_sample,
+            "last_sample": batch.last_sample,
             "step_time": dt,
             "tokens_per_s": tok_s,
             "mfu": mfu(tok_s, self.flops_per_token, self.peak_flops) if self.flops_per_token else None,
@@ -131,27 +166,43 @@ class Trainer:
 
     @torch.no_grad()
     def evaluate(self) -> float:
-        """Mean validation loss over train.eval_batches batches (the same batches every time)."""
+        """Mean validation loss over the validation batches (the same batches every time)."""
         if self.val_data is None:
             return float("nan")
         self.model.eval()
-        losses = []
-        reset = getattr(self.val_data, "reset", None)
-        if callable(reset):
-            reset()
-        for _ in range(self.cfg.train.eval_batches):
-            tokens, targets = self.val_data.batch(self.cfg.train.micro_batch_size)
-            loss, _ = self.loss_on(tokens.to(self.device), targets.to(self.device))
-            losses.append(loss.item())
+        losses = [self.loss_on(x.to(self.device), y.to(self.device))[0].item() for x, y in self.val_data]
         self.model.train()
         return sum(losses) / len(losses)
 
-    def fit(self) -> list[dict[str, Any]]:
+    # ------------------------------------------------------------------ state
+    def state_dict(self) -> dict[str, Any]:
+        """Everything a restart needs, listed once: model, optimizer, schedule, data position, RNG, counters."""
+        return {
+            "model": self.model.state_dict(),
+            "optimizer": self.optimizer.state_dict(),
+            "scheduler": self.scheduler.state_dict(),
+            "data": self.train_data.state_dict(),
+            "rng": rng_state(),
+            "step": self.state.step,
+            "tokens": self.state.tokens,
+        }
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.model.load_state_dict(state["model"])
+        self.optimizer.load_state_dict(state["optimizer"])
+        self.scheduler.load_state_dict(state["scheduler"])
+        self.train_data.load_state_dict(state["data"])
+        set_rng_state(state["rng"])
+        self.state = TrainState(step=int(state["step"]), tokens=int(state["tokens"]))
+
+    def fit(self, until: int | None = None) -> list[dict[str, Any]]:
+        """Train to train.steps (or to step ``until``, e.g. to stop part-way); returns each step's metrics."""
         history = []
+        stop = min(self.total_steps, until) if until is not None else self.total_steps
         for h in self.hooks:
             h.on_fit_start(self)
         try:
-            while self.state.step < self.total_steps:
+            while self.state.step < stop:
                 metrics = self.train_step()
                 metrics["step"] = self.state.step
                 for h in self.hooks:
