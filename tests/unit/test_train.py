@@ -286,3 +286,21 @@ def test_training_from_an_s3_remote_equals_training_from_the_local_shards(
         server.stop()
     assert [m["loss"] for m in remote] == [m["loss"] for m in local]
     assert list((tmp_path / "s3cache" / "remote").glob("*/train/index.json"))
+
+
+def test_truncated_shard_stops_the_run_before_anything_is_written(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    import shutil
+
+    train(_cfg(tmp_path / "prep", "--train.steps=1"))
+    src = next(CACHE.glob("prepared/*/manifest.json")).parent
+    shards = tmp_path / "copy"
+    shutil.copytree(src, shards, ignore=shutil.ignore_patterns("*.mds"))
+    victim = sorted((shards / "train").glob("*.zstd"))[0]
+    victim.write_bytes(victim.read_bytes()[:-10])
+    args = ["train", "configs/tiny.yaml", *FAST, f"--data.shards={shards}", f"--log.run_dir={tmp_path}/x"]
+    assert main(args) == 2
+    err = capsys.readouterr().err
+    assert victim.name in err and "truncated" in err
+    assert not (tmp_path / "x").exists()

@@ -73,9 +73,11 @@ def fetch_manifest(shards: str, cache_dir: str | Path) -> dict[str, Any]:
             raise FileNotFoundError(f"data.shards: cannot read {shards.rstrip('/')}/manifest.json: {e}") from None
         os.replace(tmp, path)
     else:
-        path = Path(shards) / "manifest.json"
-        if not path.is_file():
-            raise FileNotFoundError(f"data.shards: {path} does not exist (is {shards} a `tplus prepare` output?)")
+        from tplus_dist.data.prepare import read_manifest
+
+        # every shard present with its listed size: a truncated or missing shard stops the run before it starts
+        # (`tplus_dist.data.prepare.verify_shards` also checks the sha256 of each)
+        return read_manifest(shards)
     try:
         manifest = json.loads(path.read_text())
     except json.JSONDecodeError as e:

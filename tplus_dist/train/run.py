@@ -53,7 +53,7 @@ def ensure_prepared(cfg: RunConfig) -> str:
     """data.shards, or the source prepared once into the cache (keyed by what determines its content)."""
     if cfg.data.shards is not None:
         return cfg.data.shards
-    from tplus_dist.data.prepare import prepare
+    from tplus_dist.data.prepare import PrepareError, prepare
 
     d = cfg.data
     key = json.dumps([PREPARE_FORMAT, d.source, d.tokenizer, cfg.seq_len, d.val_fraction], sort_keys=True)
@@ -68,7 +68,11 @@ def ensure_prepared(cfg: RunConfig) -> str:
         src.write_text("".join(json.dumps({"text": t}) + "\n" for t in read_documents("builtin:pydoc")))
         inputs = [str(src)]
     print(f"tplus: preparing {d.source} ({d.tokenizer}, seq_len {cfg.seq_len}) into {out}", flush=True)
-    prepare(inputs=inputs, tokenizer=d.tokenizer, seq_len=cfg.seq_len, out=out, val_fraction=d.val_fraction)
+    try:
+        prepare(inputs=inputs, tokenizer=d.tokenizer, seq_len=cfg.seq_len, out=out, val_fraction=d.val_fraction)
+    except PrepareError:
+        if not (out / "manifest.json").is_file():  # another process prepared the same corpus meanwhile: reuse it
+            raise
     return str(out)
 
 
