@@ -15,6 +15,7 @@ from tplus_dist.config.sections import (
     DataConfig,
     LogConfig,
     OptimConfig,
+    ParallelConfig,
     PrecisionConfig,
     ScheduleConfig,
     TrainConfig,
@@ -47,6 +48,7 @@ class RunConfig:
     schedule: ScheduleConfig = field(default_factory=ScheduleConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
     precision: PrecisionConfig = field(default_factory=PrecisionConfig)
+    parallel: ParallelConfig = field(default_factory=ParallelConfig)
     log: LogConfig = field(default_factory=LogConfig)
 
     @property
@@ -54,8 +56,15 @@ class RunConfig:
         return self.train.seq_len or self.model.seq_len
 
     def validate(self) -> RunConfig:
-        for name in ("model", "data", "optim", "schedule", "train", "precision", "log"):
+        for name in ("model", "data", "optim", "schedule", "train", "precision", "parallel", "log"):
             getattr(self, name).validate(name)
+        # The layout against the model; the world size is only known at launch (ParallelDims.validate).
+        self.parallel.check_fits(self.model)
+        check(
+            not (self.parallel.sequence_parallel and self.train.device == "cpu"),
+            "parallel.sequence_parallel",
+            "is GPU only (Megatron's sequence-parallel layers need CUDA); set it to false for train.device cpu",
+        )
         check(
             self.seq_len <= self.model.seq_len,
             "train.seq_len",

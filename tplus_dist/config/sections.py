@@ -1,11 +1,17 @@
-"""Sections other than the model: optimizer, schedule, data, training loop, precision, logging."""
+"""Sections other than the model: optimizer, schedule, data, training loop, precision, parallel layout, logging."""
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
-from typing import Literal
+from typing import TYPE_CHECKING, Literal
 
 from tplus_dist.config.base import check
+
+if TYPE_CHECKING:
+    from tplus_dist.config.model import ModelConfig
+
+PipelineRuntime = Literal["deepspeed", "torch"]
 
 
 @dataclass
@@ -214,6 +220,93 @@ class PrecisionConfig:
 
     def validate(self, prefix: str = "precision") -> None:
         pass
+
+
+@dataclass
+class ParallelConfig:
+    """Parallel layout: tensor x pipeline parallel, ZeRO stage. Data-parallel size = world size / (TP x PP)."""
+
+    tensor_parallel: int = 1
+    """Ranks that split every layer's matrices (Megatron TP); it communicates in every layer, keep it inside a node."""
+    pipeline_parallel: int = 1
+    """Stages the layers are cut into (contiguous blocks); only activations cross stage boundaries."""
+    virtual_pipeline_stages: int | None = None
+    """Layer chunks per pipeline rank for the interleaved 1F1B schedule (smaller bubble, more messages). None: one."""
+    zero_stage: int = 1
+    """DeepSpeed ZeRO: 0 plain data parallel; 1 shards optimizer state (no extra traffic); 2 also gradients;
+    3 also parameters."""
+    sequence_parallel: bool = False
+    """Shard norm/dropout activations along the sequence over the TP ranks (Megatron SP): less activation
+    memory. GPU only; needs tensor_parallel > 1."""
+    pipeline_runtime: PipelineRuntime = "deepspeed"
+    """Who runs pipeline stages: deepspeed (its pipeline engine, as GPT-NeoX; ZeRO 0-1 only) or torch
+    (torch.distributed.pipelining schedules)."""
+
+    @property
+    def model_parallel(self) -> int:
+        return self.tensor_parallel * self.pipeline_parallel
+
+    def validate(self, prefix: str = "parallel") -> None:
+        """The rules that need neither the world size nor the model (those are in ParallelDims.validate)."""
+        p = prefix + "."
+        tp, pp, vpp = self.tensor_parallel, self.pipeline_parallel, self.virtual_pipeline_stages
+        check(tp >= 1, p + "tensor_parallel", f"must be at least 1, got {tp}")
+        check(pp >= 1, p + "pipeline_parallel", f"must be at least 1, got {pp}")
+        check(0 <= self.zero_stage <= 3, p + "zero_stage", f"must be 0, 1, 2 or 3, got {self.zero_stage}")
+        if vpp is not None:
+            check(vpp >= 1, p + "virtual_pipeline_stages", f"must be at least 1 (or null), got {vpp}")
+            check(
+                pp > 1,
+                p + "virtual_pipeline_stages",
+                f"({vpp}) interleaves pipeline stages, so it needs pipeline_parallel > 1 (got {pp}); set it to null",
+            )
+        check(
+            not self.sequence_parallel or tp > 1,
+            p + "sequence_parallel",
+            "shards activations over the tensor-parallel ranks, so it needs tensor_parallel > 1 "
+            f"(got {tp}); set it to false",
+        )
+        check(
+            not (pp > 1 and self.pipeline_runtime == "deepspeed" and self.zero_stage >= 2),
+            p + "zero_stage",
+            f"ZeRO stage {self.zero_stage} cannot run with pipeline_parallel {pp}: DeepSpeed's pipeline engine "
+            "supports ZeRO 0 and 1 only; use zero_stage 1",
+        )
+
+    def check_fits(self, model: ModelConfig, prefix: str = "parallel") -> None:
+        """The model must split evenly: whole heads and vocabulary rows per TP rank, whole layers per stage."""
+        p = prefix + "."
+        tp, pp = self.tensor_parallel, self.pipeline_parallel
+        check(
+            model.n_heads % tp == 0,
+            p + "tensor_parallel",
+            f"model.n_heads ({model.n_heads}) is not divisible by tensor_parallel {tp}: "
+            "each tensor-parallel rank computes whole attention heads",
+        )
+        kv = model.kv_heads
+        # Fewer kv heads than TP ranks: Megatron replicates each kv head on tp / kv ranks (MQA/GQA).
+        check(
+            kv % tp == 0 or tp % kv == 0,
+            p + "tensor_parallel",
+            f"model.n_kv_heads ({kv}) must be divisible by tensor_parallel {tp}, or divide it "
+            "(then each key/value head is replicated on tensor_parallel / n_kv_heads ranks)",
+        )
+        vocab, m = model.padded_vocab_size, model.pad_vocab_multiple
+        check(
+            vocab % tp == 0,
+            "model.pad_vocab_multiple",
+            f"the padded vocabulary ({vocab} rows) is not divisible by tensor_parallel {tp}: "
+            f"set pad_vocab_multiple to {math.lcm(m, tp)} (a multiple of both {m} and {tp})",
+        )
+        chunks = pp * (self.virtual_pipeline_stages or 1)
+        where = "virtual_pipeline_stages" if self.virtual_pipeline_stages else "pipeline_parallel"
+        check(
+            model.n_layers % chunks == 0,
+            p + where,
+            f"model.n_layers ({model.n_layers}) is not divisible by pipeline_parallel {pp} x "
+            f"virtual_pipeline_stages {self.virtual_pipeline_stages or 1} = {chunks} chunks: "
+            "every pipeline chunk holds the same number of whole layers",
+        )
 
 
 @dataclass

@@ -1,0 +1,185 @@
+"""Process groups from megatron-core's parallel_state, handed out explicitly.
+
+megatron-core's tensor_parallel layers read parallel_state's module globals, so those are initialized;
+everything of ours receives a ``ProcessGroups`` instead of reading globals. On CPU, parallel_state works
+with gloo as is (megatron-core 0.16.1): initialize_model_parallel touches CUDA only for SHARP (left off),
+and its GlobalMemoryBuffer allocates on the GPU only when first used (by megatron's own attention, which
+we do not use). We pass ``create_gloo_process_groups=False`` under gloo: those extra gloo copies of the
+data-parallel groups serve the distributed optimizer's CPU side and would duplicate the groups we have.
+"""
+
+from __future__ import annotations
+
+import datetime
+from dataclasses import dataclass
+from typing import Any, Literal
+
+import torch
+import torch.distributed as dist
+
+from tplus_dist.parallel.dims import MEGATRON_ORDER, GroupKind, ParallelDims, launch_env
+
+Backend = Literal["gloo", "nccl"]
+ProcessGroup = dist.ProcessGroup
+
+
+@dataclass(frozen=True)
+class ProcessGroups:
+    """This rank's groups and ranks within them. mp is the model-parallel (TP x PP) block."""
+
+    dims: ParallelDims
+    rank: int
+    tp: ProcessGroup
+    pp: ProcessGroup
+    dp: ProcessGroup
+    mp: ProcessGroup
+    tp_ranks: tuple[int, ...]
+    pp_ranks: tuple[int, ...]
+    dp_ranks: tuple[int, ...]
+    mp_ranks: tuple[int, ...]
+
+    @property
+    def tp_rank(self) -> int:
+        return self.tp_ranks.index(self.rank)
+
+    @property
+    def pp_rank(self) -> int:
+        return self.pp_ranks.index(self.rank)
+
+    @property
+    def dp_rank(self) -> int:
+        return self.dp_ranks.index(self.rank)
+
+    @property
+    def mp_rank(self) -> int:
+        return self.mp_ranks.index(self.rank)
+
+    @property
+    def is_first_stage(self) -> bool:
+        return self.pp_rank == 0
+
+    @property
+    def is_last_stage(self) -> bool:
+        return self.pp_rank == self.dims.pp - 1
+
+
+def _parallel_state() -> Any:
+    # Imported on use: megatron.core takes seconds to import, and config/dims code must not pay for it.
+    from megatron.core import parallel_state
+
+    return parallel_state
+
+
+def init_process_groups(
+    dims: ParallelDims, backend: Backend = "gloo", timeout: datetime.timedelta | None = None
+) -> ProcessGroups:
+    """Initialize torch.distributed (from the launcher's environment) if needed, then megatron-core's
+    tensor/pipeline/data-parallel groups for ``dims``; return this rank's groups."""
+    dims.validate()
+    if not dist.is_initialized():
+        env = launch_env()  # a clear error naming the variable, instead of a rendezvous hang
+        if backend == "nccl":
+            torch.cuda.set_device(env.local_rank)
+        dist.init_process_group(backend, rank=env.rank, world_size=env.world_size, timeout=timeout)
+    world = dist.get_world_size()
+    if world != dims.world_size:
+        raise RuntimeError(f"the layout is for {dims.world_size} ranks ({dims}), but {world} processes were started")
+    ps = _parallel_state()
+    if ps.model_parallel_is_initialized():
+        raise RuntimeError("parallel_state is already initialized: call destroy_process_groups() first")
+    ps.initialize_model_parallel(
+        tensor_model_parallel_size=dims.tp,
+        pipeline_model_parallel_size=dims.pp,
+        virtual_pipeline_model_parallel_size=dims.vpp,
+        order=MEGATRON_ORDER,  # explicit: dims.coords assumes it
+        create_gloo_process_groups=backend != "gloo",
+    )
+    rank = dist.get_rank()
+    tp, pp = ps.get_tensor_model_parallel_group(), ps.get_pipeline_model_parallel_group()
+    dp, mp = ps.get_data_parallel_group(), ps.get_model_parallel_group()
+    groups = ProcessGroups(
+        dims=dims,
+        rank=rank,
+        tp=tp,
+        pp=pp,
+        dp=dp,
+        mp=mp,
+        tp_ranks=tuple(dist.get_process_group_ranks(tp)),
+        pp_ranks=tuple(dist.get_process_group_ranks(pp)),
+        dp_ranks=tuple(dist.get_process_group_ranks(dp)),
+        mp_ranks=tuple(dist.get_process_group_ranks(mp)),
+    )
+    # Our coordinates and megatron's groups must agree, or data sharding and checkpoints go wrong silently.
+    kinds: tuple[GroupKind, ...] = ("tp", "pp", "dp", "mp")
+    for kind in kinds:
+        got, expected = sorted(getattr(groups, f"{kind}_ranks")), dims.group_ranks(kind, rank)
+        if got != expected:
+            raise RuntimeError(f"rank {rank}: megatron's {kind} group is {got}, ParallelDims expected {expected}")
+    return groups
+
+
+def destroy_process_groups() -> None:
+    """Tear down parallel_state and torch.distributed (safe to call when either is not initialized)."""
+    ps = _parallel_state()
+    if ps.model_parallel_is_initialized():
+        ps.destroy_model_parallel()
+    if dist.is_initialized():
+        dist.destroy_process_group()
+
+
+class DeepSpeedMPU:
+    """The ``mpu=`` object deepspeed.initialize expects, answered from ProcessGroups.
+
+    DeepSpeed's "model parallel" group is every rank holding a different part of the same replica (its own
+    pipeline grid uses TP x PP): ZeRO all-reduces gradient norms and overflow flags over it. With PP = 1 that
+    is the tensor-parallel group. The tensor_* methods are what DeepSpeed uses for TP-aware checkpoints.
+    No sequence-parallel methods: DeepSpeed reads those as its own Ulysses sequence parallelism."""
+
+    def __init__(self, groups: ProcessGroups) -> None:
+        self.groups = groups
+
+    # model parallel (TP x PP)
+    def get_model_parallel_rank(self) -> int:
+        return self.groups.mp_rank
+
+    def get_model_parallel_world_size(self) -> int:
+        return len(self.groups.mp_ranks)
+
+    def get_model_parallel_group(self) -> ProcessGroup:
+        return self.groups.mp
+
+    # tensor parallel
+    def get_tensor_model_parallel_rank(self) -> int:
+        return self.groups.tp_rank
+
+    def get_tensor_model_parallel_world_size(self) -> int:
+        return len(self.groups.tp_ranks)
+
+    def get_tensor_model_parallel_group(self) -> ProcessGroup:
+        return self.groups.tp
+
+    def get_tensor_model_parallel_src_rank(self) -> int:
+        return self.groups.tp_ranks[0]
+
+    # data parallel
+    def get_data_parallel_rank(self) -> int:
+        return self.groups.dp_rank
+
+    def get_data_parallel_world_size(self) -> int:
+        return len(self.groups.dp_ranks)
+
+    def get_data_parallel_group(self) -> ProcessGroup:
+        return self.groups.dp
+
+    def get_data_parallel_group_ranks(self) -> list[int]:
+        return list(self.groups.dp_ranks)
+
+    # pipeline parallel
+    def get_pipeline_model_parallel_rank(self) -> int:
+        return self.groups.pp_rank
+
+    def get_pipeline_model_parallel_world_size(self) -> int:
+        return len(self.groups.pp_ranks)
+
+    def get_pipeline_model_parallel_group(self) -> ProcessGroup:
+        return self.groups.pp
