@@ -1,0 +1,182 @@
+"""The DeepSpeed engine: its JSON config generated from ours, and our step semantics run through it.
+
+Keys of the generated config that are ours to set (an override of these is applied, but it then disagrees with
+the run config, so prefer changing the run config): ``train_micro_batch_size_per_gpu``,
+``gradient_accumulation_steps``, ``train_batch_size``, ``zero_optimization.stage``, ``gradient_clipping``,
+``bf16.enabled``. Everything else (``zero_optimization`` bucket sizes, ``overlap_comm``, logging, ...) is the
+user's to tune through ``overrides``, which deep-merge on top.
+
+What DeepSpeed 0.19.8 does to a step (checked on CPU/gloo with 2 processes, ZeRO 0 to 3, fp32):
+
+* ``engine.backward(loss)`` divides the loss by ``gradient_accumulation_steps`` itself and averages gradients
+  over the data-parallel group, so a per-micro-batch *mean* loss gives the gradient of the global-batch mean.
+  :class:`EngineStep` instead divides by the step's own micro-batch count and passes ``scale_wrt_gas=False``,
+  and marks the accumulation boundary explicitly. The engine's own boundary is
+  ``(micro_steps + 1) % gradient_accumulation_steps`` with ``micro_steps`` counted by ``engine.step()``, which
+  DeepSpeed's idiom calls after *every* micro-batch; we call it once per optimizer step, and the accumulation
+  count may change (a growing batch: ``set_train_batch_size`` only rewrites the config's count, the run-long
+  counter would then put the boundary mid-batch). Tested: without the explicit boundary the losses diverge.
+* The learning rate: ZeRO 1/2/3 flatten the client optimizer's groups in place and their ``param_groups`` are
+  the client optimizer's list, so our Scheduler's writes reach them; we still write through
+  ``engine.optimizer.param_groups`` (the one list every stage steps with).
+* ``engine.get_global_grad_norm()`` after ``engine.step()`` is the pre-clip norm for ZeRO 1/2/3 and ``None``
+  for fp32 ZeRO 0 (its fp32 clipping drops the norm); :class:`EngineStep` computes that one with DeepSpeed's own
+  model-parallel-aware norm before the step (bf16 ZeRO 0 goes through DeepSpeed's BF16_Optimizer, which keeps it;
+  not tried on CPU).
+* /dev/shm/deepspeed_allreduce_buffer_* (66 MB per rank) appear only when LOCAL_SIZE equals the world size
+  (the deepspeed launcher sets it; torchrun and tplus_dist.spawn do not).
+"""
+
+from __future__ import annotations
+
+import copy
+import math
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+import torch.distributed as dist
+from torch import nn
+
+from tplus_dist.config.run import RunConfig
+
+# No periodic prints from the engine: our trainer logs.
+_NEVER = 10**12
+
+MicroBatch = tuple[torch.Tensor, torch.Tensor]
+"""(tokens [b, s], targets [b, s])."""
+LossFn = Callable[[nn.Module, MicroBatch], torch.Tensor]
+
+
+def deep_merge(base: Mapping[str, Any], override: Mapping[str, Any]) -> dict[str, Any]:
+    """``base`` with ``override`` merged in, recursively for nested dicts (neither input is modified)."""
+    out = copy.deepcopy(dict(base))
+    for key, value in override.items():
+        if isinstance(value, Mapping) and isinstance(out.get(key), Mapping):
+            out[key] = deep_merge(out[key], value)
+        else:
+            out[key] = copy.deepcopy(value)
+    return out
+
+
+def use_bf16(cfg: RunConfig, device: str) -> bool:
+    """precision.dtype, with auto meaning bf16 on GPU and fp32 on CPU."""
+    if cfg.precision.dtype == "auto":
+        return device.startswith("cuda")
+    return cfg.precision.dtype == "bf16"
+
+
+def deepspeed_config(
+    cfg: RunConfig,
+    dp: int,
+    device: str,
+    *,
+    grad_accum: int | None = None,
+    overrides: Mapping[str, Any] | None = None,
+) -> dict[str, Any]:
+    """DeepSpeed's JSON config for ``cfg`` on ``dp`` data-parallel replicas (see the module docstring for the
+    keys that are ours). ``grad_accum`` defaults to ``cfg.train.grad_accum`` (a growing batch starts smaller)."""
+    if dp < 1:
+        raise ValueError(f"the data-parallel size must be at least 1, got {dp}")
+    micro = cfg.train.micro_batch_size
+    accum = cfg.train.grad_accum if grad_accum is None else grad_accum
+    ds: dict[str, Any] = {
+        "train_micro_batch_size_per_gpu": micro,
+        "gradient_accumulation_steps": accum,
+        "train_batch_size": micro * accum * dp,
+        "gradient_clipping": cfg.optim.grad_clip,
+        "zero_optimization": {"stage": cfg.parallel.zero_stage},
+        "bf16": {"enabled": use_bf16(cfg, device)},
+        # ZeRO refuses optimizers it has not tested unless told; ours are torch's AdamW, Adafactor and SOAP.
+        "zero_allow_untested_optimizer": True,
+        "steps_per_print": _NEVER,
+        "wall_clock_breakdown": False,
+    }
+    return deep_merge(ds, overrides) if overrides else ds
+
+
+def build_engine(
+    model: nn.Module, optimizer: torch.optim.Optimizer, ds_config: Mapping[str, Any], mpu: Any | None = None
+) -> Any:
+    """``deepspeed.initialize`` with a client optimizer (never the config's "optimizer": on CPU its fused Adam
+    JIT-compiles for most of a minute) and our model-parallel groups (a DeepSpeedMPU). Returns the engine."""
+    import deepspeed  # imported on use: it takes seconds and probes the accelerator
+
+    engine, _, _, _ = deepspeed.initialize(model=model, optimizer=optimizer, config=dict(ds_config), mpu=mpu)
+    return engine
+
+
+def set_optimizer_values(engine: Any, values: Sequence[Mapping[str, float]]) -> None:
+    """Write per-group values (lr, weight_decay) into the optimizer the engine steps with, in group order."""
+    groups = engine.optimizer.param_groups
+    if len(groups) != len(values):
+        raise ValueError(f"the engine's optimizer has {len(groups)} param groups, {len(values)} values were given")
+    for group, vals in zip(groups, values, strict=True):
+        group.update(vals)
+
+
+@dataclass
+class StepResult:
+    loss: float
+    """Mean loss over the global batch (all data-parallel ranks)."""
+    grad_norm: float
+    """Global gradient norm before clipping."""
+
+
+class EngineStep:
+    """One optimizer step of ours through a DeepSpeed engine: any number of micro-batches (the accumulation count
+    may change from step to step), per-step optimizer values, the global mean loss and the pre-clip norm.
+
+    ``loss_fn(module, micro_batch)`` returns the micro-batch's mean loss; every rank passes the same number of
+    micro-batches of the same size (the global batch split as data/order.micro_batch_positions does)."""
+
+    def __init__(self, engine: Any, loss_fn: LossFn, dp_group: dist.ProcessGroup | None = None) -> None:
+        self.engine = engine
+        self.loss_fn = loss_fn
+        self.dp_group = dp_group if dp_group is not None else engine.data_parallel_group
+        self.dp = dist.get_world_size(self.dp_group)
+
+    def run_step(
+        self, micro_batches: Sequence[MicroBatch], set_values: Callable[[Any], None] | None = None
+    ) -> StepResult:
+        """Forward/backward every micro-batch, then ``engine.step()``. ``set_values(optimizer)`` writes the step's
+        lr / weight decay into ``engine.optimizer.param_groups`` first (e.g. ``lambda o: scheduler.update(...)``
+        with a Scheduler built on the same groups, or :func:`set_optimizer_values`)."""
+        eng = self.engine
+        n = len(micro_batches)
+        if n == 0:
+            raise ValueError("a step needs at least one micro-batch")
+        micro = micro_batches[0][0].shape[0]
+        # Keep the engine's notion of the batch right (its throughput timer and config read it).
+        if eng.gradient_accumulation_steps() != n:
+            eng.set_train_batch_size(micro * n * self.dp)
+        if set_values is not None:
+            set_values(eng.optimizer)
+        total = torch.zeros((), dtype=torch.float64)
+        for j, mb in enumerate(micro_batches):
+            eng.set_gradient_accumulation_boundary(j == n - 1)
+            loss = self.loss_fn(eng, mb)
+            total += loss.detach().double().cpu()
+            eng.backward(loss / n, scale_wrt_gas=False)  # our own 1/n: n may differ from the config's count
+        # Only fp32 ZeRO 0 loses the norm (DeepSpeed's clip_fp32_gradients path); the others keep it in step().
+        fp32_zero0 = eng.zero_optimization_stage() == 0 and not (eng.bfloat16_enabled() or eng.fp16_enabled())
+        norm = self._zero0_norm() if fp32_zero0 else None
+        eng.step()
+        if norm is None:
+            got = eng.get_global_grad_norm()
+            norm = float("nan") if got is None else float(got)
+        mean = total / n
+        if self.dp > 1:
+            mean = mean.to(loss.device)  # NCCL reduces device tensors only
+            dist.all_reduce(mean, group=self.dp_group)
+            mean /= self.dp
+        return StepResult(loss=float(mean), grad_norm=norm)
+
+    def _zero0_norm(self) -> float:
+        # After the boundary backward ZeRO 0's gradients are averaged over data parallel; DeepSpeed's clip helper
+        # with an infinite bound returns their norm (model-parallel aware) and changes nothing.
+        from deepspeed.runtime.utils import clip_grad_norm_
+
+        params = [p for p in self.engine.module.parameters() if p.grad is not None]
+        return float(clip_grad_norm_(params, max_norm=math.inf, mpu=self.engine.mpu))
