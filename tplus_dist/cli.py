@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import sys
 
 from tplus_dist.config import ConfigError, load_config
@@ -38,7 +39,8 @@ def cmd_train(argv: list[str]) -> int:
 
     run_dir, history = train(cfg)
     last = history[-1] if history else {}
-    print(f"tplus: done, {len(history)} steps, final loss {last.get('loss', float('nan')):.4f}; run in {run_dir}")
+    if os.environ.get("RANK", "0") == "0":  # under torchrun, rank 0 speaks for the job
+        print(f"tplus: done, {len(history)} steps, final loss {last.get('loss', float('nan')):.4f}; run in {run_dir}")
     return 0
 
 

@@ -158,10 +158,11 @@ class TrainConfig:
     seq_len: int | None = None
     """Training sequence length. None: model.seq_len. Prepared shards must hold samples of this length."""
     batch_size_start: int | None = None
-    """Growing batch: the global batch (sequences) to start from. None: no ramp, the batch is
-    micro_batch_size * grad_accum (x data-parallel ranks) throughout, which is also where a ramp ends."""
+    """Growing batch: the batch (sequences per data-parallel replica, like micro_batch_size * grad_accum; the
+    global batch is this x data-parallel ranks) to start from. None: no ramp, the batch is
+    micro_batch_size * grad_accum per replica throughout, which is also where a ramp ends."""
     batch_size_increment: int = 0
-    """Growing batch: sequences added at each increase (a multiple of micro_batch_size x data-parallel)."""
+    """Growing batch: sequences per replica added at each increase (a multiple of micro_batch_size)."""
     batch_ramp_tokens: int = 0
     """Growing batch: tokens over which the batch grows from batch_size_start to its full size."""
     seed: int = 1234

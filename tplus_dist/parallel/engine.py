@@ -180,3 +180,14 @@ class EngineStep:
 
         params = [p for p in self.engine.module.parameters() if p.grad is not None]
         return float(clip_grad_norm_(params, max_norm=math.inf, mpu=self.engine.mpu))
+
+
+class EngineStepRunner:
+    """The trainer's StepRunner over a DeepSpeed engine (see :class:`EngineStep`)."""
+
+    def __init__(self, step: EngineStep) -> None:
+        self.step = step
+
+    def run(self, micro_batches: Sequence[Any], before_update: Callable[[], None]) -> tuple[dict[str, float], float]:
+        result = self.step.run_step([(mb.tokens, mb.targets) for mb in micro_batches], lambda _opt: before_update())
+        return {"loss": result.loss}, result.grad_norm

@@ -19,7 +19,7 @@ from tplus_dist.data.loader import EvalBatches, ShardBatches, fetch_manifest, op
 from tplus_dist.data.order import BatchRamp
 from tplus_dist.model import build_model
 from tplus_dist.optim import build_optimizer, build_scheduler
-from tplus_dist.train.hooks import ConsoleHook, EvalHook, MetricsFileHook
+from tplus_dist.train.hooks import ConsoleHook, EvalHook, Hook, MetricsFileHook
 from tplus_dist.train.metrics import MetricsWriter, device_peak_flops
 from tplus_dist.train.trainer import Trainer
 
@@ -141,32 +141,90 @@ def make_run_dir(cfg: RunConfig) -> Path:
     return path
 
 
+@dataclass
+class Layout:
+    """Where this process stands: one process, or a rank of a data-parallel job."""
+
+    world: int = 1
+    rank: int = 0
+    dp: int = 1
+    dp_rank: int = 0
+    groups: Any = None
+    """parallel.groups.ProcessGroups when distributed."""
+
+
+def setup_layout(cfg: RunConfig, device: torch.device) -> Layout:
+    """One process unless launched by torchrun / the deepspeed launcher (WORLD_SIZE > 1): then the launcher's
+    environment and the parallel layout are checked, and the process groups made, before any model is built."""
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    if world <= 1:
+        return Layout()
+    from tplus_dist.parallel.dims import ParallelDims, launch_env
+    from tplus_dist.parallel.groups import init_process_groups
+
+    env = launch_env()
+    dims = ParallelDims.from_config(cfg.parallel, world, cfg.model).validate()
+    if dims.tp > 1 or dims.pp > 1:
+        field = "parallel.tensor_parallel" if dims.tp > 1 else "parallel.pipeline_parallel"
+        raise ConfigError(
+            field,
+            "the trainer runs data parallel (ZeRO 0-3) only so far; tensor and pipeline "
+            "parallel layers are not built yet (issue 4 in progress)",
+        )
+    groups = init_process_groups(dims, backend="nccl" if device.type == "cuda" else "gloo")
+    return Layout(world, env.rank, dims.dp, groups.dp_rank, groups)
+
+
 def build_trainer(cfg: RunConfig, run_dir: Path | None = None) -> tuple[Trainer, Path]:
     """Everything a run needs, checked before anything is written; returns the trainer and its directory."""
     cfg.validate()
     device = resolve_device(cfg.train.device)
     torch.set_num_threads(int(os.environ.get("TPLUS_NUM_THREADS", torch.get_num_threads())))
+    layout = setup_layout(cfg, device)
+    if device.type == "cuda" and layout.world > 1:
+        device = torch.device("cuda", torch.cuda.current_device())
     seed_everything(cfg.train.seed)
-    data = build_data(cfg)  # every input is checked before anything is written
-    run_dir = run_dir or make_run_dir(cfg)
-    run_dir.mkdir(parents=True, exist_ok=True)
-    (run_dir / "config.yaml").write_text(cfg.to_yaml())
-    (run_dir / "data_manifest.json").write_text(json.dumps({"shards": data.shards, **data.manifest}, indent=1))
+    if layout.world > 1:
+        import torch.distributed as dist
 
-    torch.manual_seed(cfg.train.seed)
-    model = build_model(cfg.model).to(device)
+        if layout.rank == 0:  # one process prepares (or downloads the manifest); the others reuse its result
+            ensure_prepared(cfg)
+        dist.barrier()
+    data = build_data(cfg, layout.dp, layout.dp_rank)  # every input is checked before anything is written
+    if layout.rank == 0:
+        run_dir = run_dir or make_run_dir(cfg)
+        run_dir.mkdir(parents=True, exist_ok=True)
+        (run_dir / "config.yaml").write_text(cfg.to_yaml())
+        (run_dir / "data_manifest.json").write_text(json.dumps({"shards": data.shards, **data.manifest}, indent=1))
+    if layout.world > 1:
+        import torch.distributed as dist
+
+        shared = [str(run_dir) if run_dir is not None else ""]
+        dist.broadcast_object_list(shared, src=0)
+        run_dir = Path(shared[0])
+    assert run_dir is not None
+
+    torch.manual_seed(cfg.train.seed)  # every rank builds the same initial model
+    model: torch.nn.Module = build_model(cfg.model).to(device)
     if cfg.train.compile:
         model = torch.compile(model)  # type: ignore[assignment]
     optimizer = build_optimizer(model, cfg.optim, cfg.model)
+    engine = None
+    if layout.world > 1:
+        from tplus_dist.parallel.engine import build_engine, deepspeed_config
+        from tplus_dist.parallel.groups import DeepSpeedMPU
+
+        first_accum = data.train.ramp.batch_size(0) // (cfg.train.micro_batch_size * layout.dp)
+        ds_config = deepspeed_config(cfg, layout.dp, device.type, grad_accum=first_accum)
+        engine = build_engine(model, optimizer, ds_config, mpu=DeepSpeedMPU(layout.groups))
+        model, optimizer = engine, engine.optimizer  # the scheduler writes the groups the engine steps with
     scheduler = build_scheduler(
         optimizer, cfg.schedule, cfg.optim, cfg.train.steps, total_tokens=total_tokens(cfg, data.train.ramp)
     )
-    writer = MetricsWriter(run_dir, tensorboard=cfg.log.tensorboard)
-    hooks = [
-        EvalHook(cfg.train.eval_interval),
-        MetricsFileHook(writer),
-        ConsoleHook(cfg.train.log_interval, progress=cfg.log.progress),
-    ]
+    hooks: list[Hook] = [EvalHook(cfg.train.eval_interval)]  # every rank: ZeRO-3 forwards need all of them
+    if layout.rank == 0:
+        writer = MetricsWriter(run_dir, tensorboard=cfg.log.tensorboard)
+        hooks += [MetricsFileHook(writer), ConsoleHook(cfg.train.log_interval, progress=cfg.log.progress)]
     trainer = Trainer(
         cfg,
         model,
@@ -177,13 +235,30 @@ def build_trainer(cfg: RunConfig, run_dir: Path | None = None) -> tuple[Trainer,
         device,
         hooks,
         peak_flops=device_peak_flops(device, cfg.log.peak_tflops),
+        n_devices=layout.world,
     )
+    if engine is not None:
+        from tplus_dist.parallel.engine import EngineStep, EngineStepRunner
+
+        def loss_fn(_engine: torch.nn.Module, mb: tuple[torch.Tensor, torch.Tensor]) -> torch.Tensor:
+            return trainer.loss_on(mb[0].to(device), mb[1].to(device))[0]
+
+        trainer.runner = EngineStepRunner(EngineStep(engine, loss_fn, layout.groups.dp))
     return trainer, run_dir
 
 
 def train(cfg: RunConfig, run_dir: Path | None = None) -> tuple[Path, list[dict[str, Any]]]:
     """Train as configured; returns the run directory and the per-step metrics."""
     trainer, run_dir = build_trainer(cfg, run_dir)
-    n = sum(p.numel() for p in trainer.model.parameters())
-    print(f"tplus: {n / 1e6:.2f}M parameters on {trainer.device}; writing {run_dir}", flush=True)
-    return run_dir, trainer.fit()
+    distributed = int(os.environ.get("WORLD_SIZE", "1")) > 1
+    if not distributed or int(os.environ.get("RANK", "0")) == 0:
+        n = sum(p.numel() for p in trainer.model.parameters())
+        where = f"{os.environ.get('WORLD_SIZE', 1)} processes" if distributed else str(trainer.device)
+        print(f"tplus: {n / 1e6:.2f}M parameters on {where}; writing {run_dir}", flush=True)
+    try:
+        return run_dir, trainer.fit()
+    finally:
+        if distributed:
+            from tplus_dist.parallel.groups import destroy_process_groups
+
+            destroy_process_groups()

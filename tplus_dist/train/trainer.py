@@ -6,7 +6,7 @@ import contextlib
 import math
 import random
 import time
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from typing import Any, Protocol
 
@@ -15,7 +15,7 @@ import torch
 from torch import nn
 
 from tplus_dist.config import RunConfig
-from tplus_dist.data.loader import StepBatch
+from tplus_dist.data.loader import MicroBatch, StepBatch
 from tplus_dist.model.loss import lm_loss
 from tplus_dist.optim import clip_grad_norm
 from tplus_dist.train.hooks import Hook
@@ -40,6 +40,39 @@ class LRScheduler(Protocol):
     def state_dict(self) -> dict[str, Any]: ...
 
     def load_state_dict(self, state: dict[str, Any]) -> None: ...
+
+
+class StepRunner(Protocol):
+    """How one optimizer step's micro-batches become an update: plain PyTorch in one process (LocalStepRunner),
+    or a DeepSpeed engine across data-parallel ranks (parallel.engine.EngineStepRunner). ``before_update`` writes
+    the step's learning rate and weight decay; returns the step's mean loss terms and the pre-clip grad norm."""
+
+    def run(
+        self, micro_batches: list[MicroBatch], before_update: Callable[[], None]
+    ) -> tuple[dict[str, float], float]: ...
+
+
+class LocalStepRunner:
+    """One process: backward each micro-batch (scaled by 1/n: the mean of equal-sized micro-batch means is the
+    global mean), clip the global norm, step."""
+
+    def __init__(self, trainer: Trainer) -> None:
+        self.trainer = trainer
+
+    def run(self, micro_batches: list[MicroBatch], before_update: Callable[[], None]) -> tuple[dict[str, float], float]:
+        t = self.trainer
+        t.optimizer.zero_grad(set_to_none=True)
+        totals: dict[str, float] = {}
+        n = len(micro_batches)
+        for mb in micro_batches:
+            for k, v in t.forward_backward_step(mb.tokens, mb.targets, 1.0 / n).items():
+                totals[k] = totals.get(k, 0.0) + v / n
+        if not math.isfinite(totals["loss"]):
+            raise NonFiniteLossError(f"loss is {totals['loss']} at step {t.state.step + 1}")
+        grad_norm = clip_grad_norm(t.model.parameters(), t.cfg.optim.grad_clip)
+        before_update()
+        t.optimizer.step()
+        return totals, grad_norm
 
 
 @dataclass
@@ -84,6 +117,8 @@ class Trainer:
         device: torch.device,
         hooks: list[Hook] | None = None,
         peak_flops: float | None = None,
+        runner: StepRunner | None = None,
+        n_devices: int = 1,
     ) -> None:
         self.cfg = cfg
         self.model = model
@@ -97,7 +132,9 @@ class Trainer:
         self.total_steps = cfg.train.steps
         self.seq_len = cfg.seq_len
         self.peak_flops = peak_flops
-        flops = getattr(model, "flops_per_token", None)
+        self.n_devices = n_devices
+        self.runner: StepRunner = runner or LocalStepRunner(self)
+        flops = getattr(getattr(model, "module", model), "flops_per_token", None)  # under an engine: its module
         self.flops_per_token = float(flops(self.seq_len)) if callable(flops) else None
         self.autocast_dtype = self._autocast_dtype()
 
@@ -130,21 +167,12 @@ class Trainer:
         self.model.train()
         t0 = time.perf_counter()
         batch = self.train_data.next_step()
-        self.optimizer.zero_grad(set_to_none=True)
-        totals: dict[str, float] = {}
-        n_micro = len(batch.micro_batches)
-        for mb in batch.micro_batches:
-            # equal-sized micro-batches: the mean of their means is the mean over the global batch
-            parts = self.forward_backward_step(mb.tokens, mb.targets, 1.0 / n_micro)
-            for k, v in parts.items():
-                totals[k] = totals.get(k, 0.0) + v / n_micro
+        n_tokens = batch.global_batch * self.seq_len
+        step, tokens = self.state.step, self.state.tokens
+        totals, grad_norm = self.runner.run(batch.micro_batches, lambda: self.scheduler.update(step, tokens + n_tokens))
         if not math.isfinite(totals["loss"]):
             raise NonFiniteLossError(f"loss is {totals['loss']} at step {self.state.step + 1}")
-        grad_norm = clip_grad_norm(self.model.parameters(), self.cfg.optim.grad_clip)
-        n_tokens = batch.global_batch * self.seq_len
-        self.scheduler.update(self.state.step, self.state.tokens + n_tokens)
         lr = self.scheduler.get_lr()
-        self.optimizer.step()
         if self.device.type == "cuda":
             torch.cuda.synchronize(self.device)
         dt = time.perf_counter() - t0
@@ -161,7 +189,7 @@ class Trainer:
             "last_sample": batch.last_sample,
             "step_time": dt,
             "tokens_per_s": tok_s,
-            "mfu": mfu(tok_s, self.flops_per_token, self.peak_flops) if self.flops_per_token else None,
+            "mfu": mfu(tok_s, self.flops_per_token, self.peak_flops, self.n_devices) if self.flops_per_token else None,
         }
 
     @torch.no_grad()

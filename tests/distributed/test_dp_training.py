@@ -1,0 +1,87 @@
+"""`tplus train` across data-parallel ranks through DeepSpeed ZeRO computes what one process computes."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import torch
+
+from tplus_dist.config import load_config
+from tplus_dist.spawn import run_distributed
+from tplus_dist.train.run import train
+
+CACHE = Path(__file__).resolve().parents[2] / ".cache" / "tplus-tests"
+BASE = [
+    "--model.seq_len=64",
+    "--train.steps=5",
+    "--train.micro_batch_size=4",
+    "--train.eval_interval=0",
+    "--log.progress=false",
+    "--log.tensorboard=false",
+    "--schedule.warmup_steps=2",
+    f"--data.cache_dir={CACHE}",
+]
+KEYS = ("loss", "grad_norm", "lr", "batch_size", "first_sample", "last_sample", "tokens")
+
+
+def _rank(rank: int, world: int, overrides: list[str], out: str) -> None:
+    del world
+    _, history = train(load_config("configs/tiny.yaml", overrides))
+    if rank == 0:
+        torch.save([[m[k] for k in KEYS] for m in history], out)
+
+
+def _single(tmp_path: Path, *extra: str) -> list[list[float]]:
+    _, history = train(load_config("configs/tiny.yaml", [*BASE, f"--log.run_dir={tmp_path}/one", *extra]))
+    return [[m[k] for k in KEYS] for m in history]
+
+
+def _compare(single: list[list[float]], dp: list[list[float]]) -> None:
+    assert len(single) == len(dp) == 5
+    for a, b in zip(single, dp, strict=True):
+        assert a[3:] == b[3:]  # the same samples: batch size, first and last stream position, tokens
+        assert a[2] == pytest.approx(b[2], rel=1e-12)  # lr
+        assert abs(a[0] - b[0]) < 1e-5 and abs(a[1] - b[1]) < 1e-5, (a, b)  # loss, grad norm (fp32)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("zero", [1, 3])
+def test_data_parallel_zero_equals_one_process(tmp_path: Path, zero: int) -> None:
+    single = _single(tmp_path, "--train.grad_accum=2")  # global batch 8 = 4 x 2
+    out = tmp_path / "dp.pt"
+    dp_overrides = [*BASE, "--train.grad_accum=1", f"--parallel.zero_stage={zero}", f"--log.run_dir={tmp_path}/dp"]
+    run_distributed(_rank, 2, dp_overrides, str(out))  # global batch 8 = 4 x 1 x 2 ranks
+    _compare(single, torch.load(out))
+    assert (tmp_path / "dp" / "metrics.jsonl").is_file()
+    assert not (tmp_path / "dp-1").exists()  # one run directory, written by rank 0 alone
+
+
+@pytest.mark.slow
+def test_data_parallel_with_a_growing_batch_equals_one_process(tmp_path: Path) -> None:
+    ramp = ["--schedule.unit=tokens", "--schedule.warmup_tokens=512", "--train.batch_ramp_tokens=1024"]
+    # one process: 4 -> 8 per replica; two ranks: 2 x (2 -> 4): the same global batches 4 -> 8
+    single = _single(
+        tmp_path, *ramp, "--train.grad_accum=2", "--train.batch_size_start=4", "--train.batch_size_increment=4"
+    )
+    out = tmp_path / "dp.pt"
+    dp_overrides = [
+        *BASE,
+        *ramp,
+        "--train.micro_batch_size=2",
+        "--train.grad_accum=2",
+        "--train.batch_size_start=2",
+        "--train.batch_size_increment=2",
+        f"--log.run_dir={tmp_path}/dp",
+    ]
+    single_micro2 = _single(
+        tmp_path / "m2",
+        *ramp,
+        "--train.micro_batch_size=2",
+        "--train.grad_accum=4",
+        "--train.batch_size_start=4",
+        "--train.batch_size_increment=4",
+    )
+    run_distributed(_rank, 2, dp_overrides, str(out))
+    _compare(single_micro2, torch.load(out))
+    assert [r[3] for r in single] == [r[3] for r in single_micro2]
