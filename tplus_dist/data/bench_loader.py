@@ -32,13 +32,12 @@ def write_synthetic(out: Path, n_samples: int, seq_len: int) -> None:
             )
 
 
-def _time(loader: ShardBatches, steps: int, seq_len: int) -> float:
+def _time(loader: ShardBatches, steps: int) -> float:
     t0 = time.perf_counter()
     n = 0
     for _ in range(steps):
         step = loader.next_step()
         n += sum(mb.tokens.numel() for mb in step.micro_batches)
-    del seq_len
     return n / (time.perf_counter() - t0)
 
 
@@ -61,8 +60,8 @@ def _rank(rank: int, world: int, shards: str, seq_len: int, micro: int, steps: i
                 num_workers=workers,
             )
 
-        cold = _time(make(), steps, seq_len)
-        warm = _time(make(), steps, seq_len)
+        cold = _time(make(), steps)
+        warm = _time(make(), steps)
         torch.save((cold, warm), f"{out}/rank{rank}.pt")
     finally:
         dist.destroy_process_group()

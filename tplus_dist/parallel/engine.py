@@ -190,4 +190,8 @@ class EngineStepRunner:
 
     def run(self, micro_batches: Sequence[Any], before_update: Callable[[], None]) -> tuple[dict[str, float], float]:
         result = self.step.run_step([(mb.tokens, mb.targets) for mb in micro_batches], lambda _opt: before_update())
+        if not math.isfinite(result.loss):  # the global mean is known only after the engine's step
+            from tplus_dist.train.trainer import NonFiniteLossError
+
+            raise NonFiniteLossError(f"loss is {result.loss} after a DeepSpeed step")
         return {"loss": result.loss}, result.grad_norm

@@ -14,7 +14,7 @@ import numpy as np
 import torch
 
 from tplus_dist.config import ConfigError, RunConfig
-from tplus_dist.data.corpus import read_documents
+from tplus_dist.data.corpus import pydoc_documents
 from tplus_dist.data.loader import EvalBatches, ShardBatches, fetch_manifest, open_split
 from tplus_dist.data.order import BatchRamp
 from tplus_dist.model import build_model
@@ -65,7 +65,7 @@ def ensure_prepared(cfg: RunConfig) -> str:
         # Python's help topics, written once as JSON lines so prepare reads them like any corpus
         src = out.with_name(out.name + "-pydoc.jsonl")
         src.parent.mkdir(parents=True, exist_ok=True)
-        src.write_text("".join(json.dumps({"text": t}) + "\n" for t in read_documents("builtin:pydoc")))
+        src.write_text("".join(json.dumps({"text": t}) + "\n" for t in pydoc_documents()))
         inputs = [str(src)]
     print(f"tplus: preparing {d.source} ({d.tokenizer}, seq_len {cfg.seq_len}) into {out}", flush=True)
     try:
