@@ -101,12 +101,14 @@ def clean_own_shared_memory(locals_: list[str]) -> int:
 
     ours = {os.path.abspath(p) for p in locals_}
     cleaned = 0
-    for prefix in range(1024):
-        path = Path("/dev/shm") / _get_path(prefix, LOCALS).lstrip("/")
-        if not path.exists():
-            if prefix > 64:
-                break
+    # every registration there is, whatever its prefix: streaming skips prefixes that still have a filelock in
+    # the temp dir (crashed jobs leave those too), so registrations are not contiguous from 0
+    suffix = _get_path(0, LOCALS).lstrip("/").split("_", 1)[1]
+    for path in sorted(Path("/dev/shm").glob(f"*_{suffix}")):
+        head = path.name.split("_", 1)[0]
+        if not head.isdigit():
             continue
+        prefix = int(head)
         try:
             their_locals, _ = _unpack_locals(path.read_bytes())
         except Exception:
