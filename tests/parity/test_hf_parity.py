@@ -180,7 +180,7 @@ def test_gpt2_conv1d_and_fused_qkv_layout(tmp_path: Path) -> None:
     model = perturbed(cfg)
     folder = hf.export(model, cfg, tmp_path)
     w = load_file(str(folder / "model.safetensors"))
-    a = model.layers[0].attn
+    a = model.blocks()[0].attn
     c_attn = w["transformer.h.0.attn.c_attn.weight"]
     assert c_attn.shape == (cfg.d_model, 3 * cfg.d_model)
     torch.testing.assert_close(c_attn, torch.cat([a.wq.weight, a.wk.weight, a.wv.weight]).t(), rtol=0, atol=0)

@@ -34,7 +34,7 @@ def assert_std(t: torch.Tensor, expected: float, what: str) -> None:
 def hidden_inputs(model: Decoder) -> list[tuple[str, torch.Tensor]]:
     """Matrices that read the residual stream: q, k, v and the MLP's gate/up."""
     out = []
-    for i, layer in enumerate(model.layers):
+    for i, layer in enumerate(model.blocks()):
         for name in ("wq", "wk", "wv"):
             out.append((f"layers.{i}.attn.{name}", getattr(layer.attn, name).weight))
         for name in ("w_gate", "w_up"):
@@ -48,7 +48,7 @@ def residual_outputs(model: Decoder) -> list[tuple[str, torch.Tensor]]:
     """Matrices that write into the residual stream: the attention output and the MLP's down projection."""
     return [
         (f"layers.{i}.{name}", lin.weight)
-        for i, layer in enumerate(model.layers)
+        for i, layer in enumerate(model.blocks())
         for name, lin in (("attn.wo", layer.attn.wo), ("mlp.w_down", layer.mlp.w_down))
     ]
 
@@ -75,8 +75,8 @@ def test_gpt2_init_residual_output_projections_are_scaled_by_depth(n_layers: int
 
 def test_gpt2_init_follows_init_std():
     model = build(init="gpt2", init_std=0.05, n_layers=2)
-    assert_std(model.layers[0].attn.wq.weight, 0.05, "wq")
-    assert_std(model.layers[0].attn.wo.weight, 0.05 / 2, "wo")
+    assert_std(model.blocks()[0].attn.wq.weight, 0.05, "wq")
+    assert_std(model.blocks()[0].attn.wo.weight, 0.05 / 2, "wo")
 
 
 def test_init_zeroes_every_bias_and_sets_norm_gains_to_one():
@@ -98,7 +98,7 @@ def test_unit_offset_norm_gains_are_stored_as_zero():
 def test_init_is_deterministic_given_the_seed():
     a, b, c = build(seed=3, n_layers=1), build(seed=3, n_layers=1), build(seed=4, n_layers=1)
     assert all(torch.equal(p, q) for p, q in zip(a.parameters(), b.parameters(), strict=True))
-    assert not torch.equal(a.layers[0].attn.wq.weight, c.layers[0].attn.wq.weight)
+    assert not torch.equal(a.blocks()[0].attn.wq.weight, c.blocks()[0].attn.wq.weight)
 
 
 # ---------------------------------------------------------------------------------------------- T5
@@ -107,7 +107,7 @@ def test_init_is_deterministic_given_the_seed():
 def test_t5_init_attention_stds():
     model = build(init="t5", n_heads=8, head_dim=16)  # n_heads * d_kv = 128 != d_model: the fan-ins differ
     d, dkv, h = 256, 16, 8
-    for i, layer in enumerate(model.layers):
+    for i, layer in enumerate(model.blocks()):
         assert_std(layer.attn.wq.weight, (d * dkv) ** -0.5, f"layers.{i}.wq")
         assert_std(layer.attn.wk.weight, d**-0.5, f"layers.{i}.wk")
         assert_std(layer.attn.wv.weight, d**-0.5, f"layers.{i}.wv")
@@ -117,7 +117,7 @@ def test_t5_init_attention_stds():
 def test_t5_init_mlp_embedding_and_head_stds():
     model = build(init="t5", activation="swiglu")
     f = model.cfg.ffn_dim
-    for i, layer in enumerate(model.layers):
+    for i, layer in enumerate(model.blocks()):
         assert_std(layer.mlp.w_gate.weight, 256**-0.5, f"layers.{i}.w_gate")
         assert_std(layer.mlp.w_up.weight, 256**-0.5, f"layers.{i}.w_up")
         assert_std(layer.mlp.w_down.weight, f**-0.5, f"layers.{i}.w_down")
@@ -129,7 +129,7 @@ def test_t5_attention_has_no_one_over_sqrt_dk_in_the_softmax():
     cfg = ModelConfig(**MEDIUM, init="t5")
     assert cfg.attn_scale == 1.0
     model = build_model(cfg)
-    assert all(layer.attn.core.scale == 1.0 for layer in model.layers)
+    assert all(layer.attn.core.scale == 1.0 for layer in model.blocks())
 
 
 def test_explicit_softmax_scale_wins_over_the_init_default():
@@ -170,7 +170,7 @@ def test_mup_at_the_base_width_is_gpt2():
 def test_mup_attention_scale_is_one_over_head_dim(head_dim: int):
     model = build(init="mup", n_heads=256 // head_dim, mup_base_d_model=64, n_layers=1)
     assert model.cfg.attn_scale == 1.0 / head_dim
-    assert model.layers[0].attn.core.scale == 1.0 / head_dim
+    assert model.blocks()[0].attn.core.scale == 1.0 / head_dim
 
 
 @pytest.mark.parametrize(("d_model", "output_mult"), [(128, 1.0), (256, 1.0), (256, 2.5)])

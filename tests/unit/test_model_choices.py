@@ -207,7 +207,7 @@ def test_qk_norm_normalizes_each_head_over_head_dim(kind: str):
 
 def test_no_qk_norm_has_no_qk_norm_modules():
     model = build(qk_norm="none")
-    assert all(layer.attn.q_norm is None and layer.attn.k_norm is None for layer in model.layers)
+    assert all(layer.attn.q_norm is None and layer.attn.k_norm is None for layer in model.blocks())
 
 
 def test_embed_norm_is_a_layernorm_right_after_the_embedding():
@@ -244,7 +244,7 @@ def test_final_norm_off_feeds_the_head_directly():
 def test_norm_choice_builds_that_norm_everywhere(norm: str):
     model = build(norm=norm, norm_placement="sandwich")
     want = RMSNorm if norm == "rmsnorm" else LayerNorm
-    block_norms = [m for layer in model.layers for m in layer.modules() if isinstance(m, (RMSNorm, LayerNorm))]
+    block_norms = [m for layer in model.blocks() for m in layer.modules() if isinstance(m, (RMSNorm, LayerNorm))]
     assert len(block_norms) == 4 * model.cfg.n_layers
     assert all(isinstance(m, want) for m in block_norms)
     assert isinstance(model.final_norm, want)
@@ -331,7 +331,7 @@ def test_derived_d_ff_of_gated_mlp_is_eight_thirds_rounded_up(
 
 def test_explicit_d_ff_wins_and_shapes_the_mlp():
     model = build(d_ff=40, activation="swiglu")
-    mlp = model.layers[0].mlp
+    mlp = model.blocks()[0].mlp
     assert mlp.w_gate.weight.shape == mlp.w_up.weight.shape == (40, 32)
     assert mlp.w_down.weight.shape == (32, 40)
 
@@ -426,9 +426,9 @@ def test_rope_at_position_zero_is_the_identity_and_preserves_norms():
 def test_rope_fraction_sets_the_rotated_dims(head_dim: int, fraction: float, rot_dim: int):
     model = build(n_heads=2, head_dim=head_dim, rope_fraction=fraction)
     assert model.cfg.rope_dim == rot_dim
-    rotaries = {id(layer.attn.rotary) for layer in model.layers}
+    rotaries = {id(layer.attn.rotary) for layer in model.blocks()}
     assert len(rotaries) == 1, "one Rotary is shared by every layer"
-    assert model.layers[0].attn.rotary.rot_dim == rot_dim
+    assert model.blocks()[0].attn.rotary.rot_dim == rot_dim
 
 
 def test_rope_gradcheck():
@@ -470,8 +470,8 @@ def test_alibi_bias_is_minus_slope_times_distance():
 
 def test_alibi_model_has_no_position_parameters_and_no_rotary():
     model = build(position="alibi")
-    assert model.pos_embed is None and all(layer.attn.rotary is None for layer in model.layers)
-    torch.testing.assert_close(model.layers[0].attn.core.slopes, alibi_slopes(4))
+    assert model.pos_embed is None and all(layer.attn.rotary is None for layer in model.blocks())
+    torch.testing.assert_close(model.blocks()[0].attn.core.slopes, alibi_slopes(4))
 
 
 # --------------------------------------------------------------------- learned, sinusoidal, none
@@ -504,7 +504,7 @@ def test_learned_positions_are_a_trained_table_added_to_the_embeddings():
 def test_no_positions_adds_nothing():
     model = build(position="none")
     assert model.pos_embed is None and not hasattr(model, "pos_table")
-    assert all(layer.attn.rotary is None and not layer.attn.core.alibi for layer in model.layers)
+    assert all(layer.attn.rotary is None and not layer.attn.core.alibi for layer in model.blocks())
     t = tokens()
     torch.testing.assert_close(model.embed_tokens(t), model.embed.weight[t])
 
@@ -618,7 +618,7 @@ def expand_kv_heads(
 def test_grouped_query_attention_equals_mha_with_repeated_kv_heads(kv_heads: int, overrides: dict[str, Any]):
     gqa = build(n_kv_heads=kv_heads, linear_bias=True, **overrides)
     mha = build(n_kv_heads=None, linear_bias=True, **overrides)
-    assert gqa.layers[0].attn.wk.weight.shape == (kv_heads * 8, 32)
+    assert gqa.blocks()[0].attn.wk.weight.shape == (kv_heads * 8, 32)
     mha.load_state_dict(expand_kv_heads(gqa.state_dict(), kv_heads, 4, 8))
     t = tokens()
     torch.testing.assert_close(gqa(t), mha(t))
@@ -720,12 +720,12 @@ def test_sliding_window_equals_an_explicit_mask(softcap: float | None, window: i
 )
 def test_layer_pattern_repeats_over_the_layers(pattern: list[str], expected: list[int | None]):
     model = build(n_layers=5, sliding_window=3, layer_pattern=pattern)
-    assert [layer.attn.core.window for layer in model.layers] == expected
+    assert [layer.attn.core.window for layer in model.blocks()] == expected
 
 
 def test_no_sliding_window_means_every_layer_is_global():
     model = build(n_layers=3)
-    assert [layer.attn.core.window for layer in model.layers] == [None, None, None]
+    assert [layer.attn.core.window for layer in model.blocks()] == [None, None, None]
 
 
 @pytest.mark.parametrize(

@@ -63,7 +63,7 @@ def test_param_groups_decay_matrices_not_vectors(tie: bool) -> None:
         assert g["lr_scale"] == 1.0 and g["lr"] == pytest.approx(3e-4)
     assert group_of(groups, model.embed.weight)["name"] == "embedding"
     assert group_of(groups, model.pos_embed.weight)["name"] == "embedding"
-    assert group_of(groups, model.layers[0].attn.wq.bias)["name"] == "vector"
+    assert group_of(groups, model.blocks()[0].attn.wq.bias)["name"] == "vector"
 
 
 def test_param_groups_any_module() -> None:

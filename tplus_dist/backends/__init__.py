@@ -10,7 +10,7 @@ def get_provider(name: str = "torch") -> LayerProvider:
         from tplus_dist.backends.torch_provider import TorchProvider
 
         return TorchProvider()
-    raise ValueError(f"unknown layer provider {name!r}; available: torch")
+    raise ValueError(f"unknown layer provider {name!r}; available: torch (megatron is built with its process group)")
 
 
 __all__ = ["LayerProvider", "LinearRole", "get_provider"]

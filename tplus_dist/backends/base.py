@@ -2,34 +2,59 @@
 
 The decoder asks a provider for its linears, norms, embedding and attention core, saying what
 each one is for (``role``). A tensor-parallel provider splits "column" linears by output features
-and "row" linears by input features (Megatron's pairing), and the vocabulary of "vocab" ones.
+and "row" linears by input features (Megatron's pairing), and the vocabulary of "vocab" ones;
+"replicated" linears are whole on every rank (key/value projections when there are fewer kv heads
+than tensor-parallel ranks). It also owns the output projection and the loss, because under tensor
+parallelism the logits are split by vocabulary and the loss must be computed across ranks.
 """
 
 from __future__ import annotations
 
 from typing import TYPE_CHECKING, Literal, Protocol
 
+import torch
 from torch import nn
 
 if TYPE_CHECKING:
     from tplus_dist.config.model import ModelConfig, NormKind
 
-LinearRole = Literal["column", "row", "vocab"]
+LinearRole = Literal["column", "row", "vocab", "replicated"]
 
 
 class LayerProvider(Protocol):
     name: str
+    tp_size: int
+    """Tensor-parallel ranks the layers are split over (1: whole layers)."""
+    tp_rank: int
 
     def linear(self, in_features: int, out_features: int, *, bias: bool, role: LinearRole) -> nn.Module:
-        """A linear map [..., in] -> [..., out]."""
+        """A linear map [..., in] -> [..., out / tp_size] ("column", "vocab"), [..., in / tp_size] -> [..., out]
+        ("row"), or [..., in] -> [..., out] ("replicated")."""
         ...
 
-    def norm(self, kind: NormKind, dim: int, *, eps: float, bias: bool, unit_offset: bool) -> nn.Module: ...
+    def norm(
+        self, kind: NormKind, dim: int, *, eps: float, bias: bool, unit_offset: bool, per_head: bool = False
+    ) -> nn.Module:
+        """A norm over the last ``dim`` features. ``per_head``: it normalizes this rank's heads only (QK-norm), so
+        under tensor parallelism the gradient of its gain is summed over the ranks."""
+        ...
 
     def embedding(self, num_embeddings: int, dim: int) -> nn.Module:
-        """Token embedding; ``.weight`` is [num_embeddings, dim] (shared with a tied head)."""
+        """Token embedding; ``.weight`` is this rank's [num_embeddings / tp_size, dim] rows (shared with a tied
+        head)."""
         ...
 
     def attention_core(self, cfg: ModelConfig, layer: int) -> nn.Module:
-        """softmax(q k^T) v for q [b, h, s, d], k/v [b, kv_h, s, d] -> [b, h, s, d]."""
+        """softmax(q k^T) v over this rank's heads: q [b, h/tp, s, d], k/v [b, kv_local, s, d]."""
+        ...
+
+    def logits(self, x: torch.Tensor, weight: torch.Tensor, vocab_size: int) -> torch.Tensor:
+        """x [b, s, d] times this rank's output rows ``weight`` -> logits; with tp_size > 1 they are this rank's
+        vocabulary slice, padding rows included (the loss masks them)."""
+        ...
+
+    def lm_loss(
+        self, logits: torch.Tensor, targets: torch.Tensor, *, vocab_size: int, z_loss: float, ignore_index: int
+    ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        """Mean next-token loss (and its parts) over the targets that are not ``ignore_index``."""
         ...

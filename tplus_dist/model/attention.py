@@ -14,7 +14,7 @@ from tplus_dist.model.norms import make_norm
 from tplus_dist.model.positions import Rotary, alibi_bias, alibi_slopes
 
 if TYPE_CHECKING:
-    from tplus_dist.backends.base import LayerProvider
+    from tplus_dist.backends.base import LayerProvider, LinearRole
     from tplus_dist.config.model import ModelConfig
 
 
@@ -33,14 +33,16 @@ def softcap(x: torch.Tensor, cap: float) -> torch.Tensor:
 
 
 class AttentionCore(nn.Module):
-    """softmax(scale * q k^T + bias, masked) v. q [b, h, s, d], k/v [b, kv, s, d] -> [b, h, s, d]."""
+    """softmax(scale * q k^T + bias, masked) v. q [b, h, s, d], k/v [b, kv, s, d] -> [b, h, s, d].
+
+    ``heads`` are the global indices of the query heads this core computes (all of them in one process;
+    a tensor-parallel rank's share otherwise): ALiBi's slopes depend on them."""
 
     slopes: torch.Tensor
 
-    def __init__(self, cfg: ModelConfig, layer: int) -> None:
+    def __init__(self, cfg: ModelConfig, layer: int, heads: range | None = None) -> None:
         super().__init__()
-        self.n_heads = cfg.n_heads
-        self.kv_heads = cfg.kv_heads
+        heads = heads if heads is not None else range(cfg.n_heads)
         self.scale = cfg.attn_scale
         self.softcap = cfg.attn_softcap
         self.off_by_one = cfg.softmax_off_by_one
@@ -48,7 +50,8 @@ class AttentionCore(nn.Module):
         self.dropout = cfg.attn_dropout
         self.alibi = cfg.position == "alibi"
         if self.alibi:
-            self.register_buffer("slopes", alibi_slopes(cfg.n_heads), persistent=False)
+            slopes = alibi_slopes(cfg.n_heads)[heads.start : heads.stop].contiguous()
+            self.register_buffer("slopes", slopes, persistent=False)
         # SDPA's kernels cover scale, masks, additive biases and GQA, not softcap or off-by-one
         self.use_sdpa = self.softcap is None and not self.off_by_one
 
@@ -75,14 +78,14 @@ class AttentionCore(nn.Module):
                 is_causal=bias is None,
                 dropout_p=dropout,
                 scale=self.scale,
-                enable_gqa=self.kv_heads != self.n_heads,
+                enable_gqa=k.shape[1] != q.shape[1],
             )
         return self.exact(q, k, v, dropout)
 
     def exact(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, dropout: float = 0.0) -> torch.Tensor:
         s = q.shape[-2]
-        if self.kv_heads != self.n_heads:
-            rep = self.n_heads // self.kv_heads
+        if k.shape[1] != q.shape[1]:
+            rep = q.shape[1] // k.shape[1]
             k = k.repeat_interleave(rep, dim=1)
             v = v.repeat_interleave(rep, dim=1)
         scores = q @ k.transpose(-2, -1)
@@ -107,19 +110,26 @@ class AttentionCore(nn.Module):
 
 
 class Attention(nn.Module):
+    """Under tensor parallelism each rank computes n_heads / tp query heads and the kv heads they read:
+    n_kv_heads / tp of them, or, with fewer kv heads than ranks, the one its query heads share (the key and
+    value projections are then whole on every rank, and each rank keeps its head: Megatron's replication)."""
+
     def __init__(self, cfg: ModelConfig, layer: int, provider: LayerProvider, rotary: Rotary | None) -> None:
         super().__init__()
-        self.n_heads, self.kv_heads, self.head_dim = cfg.n_heads, cfg.kv_heads, cfg.dim_head
-        bias = cfg.linear_bias
-        self.wq = provider.linear(cfg.d_model, cfg.n_heads * cfg.dim_head, bias=bias, role="column")
-        self.wk = provider.linear(cfg.d_model, cfg.kv_heads * cfg.dim_head, bias=bias, role="column")
-        self.wv = provider.linear(cfg.d_model, cfg.kv_heads * cfg.dim_head, bias=bias, role="column")
+        self.head_dim = cfg.dim_head
+        bias, tp, kv, dh = cfg.linear_bias, provider.tp_size, cfg.kv_heads, cfg.dim_head
+        self.wq = provider.linear(cfg.d_model, cfg.n_heads * dh, bias=bias, role="column")
+        kv_role: LinearRole = "column" if kv % tp == 0 else "replicated"
+        # the kv head this rank's query heads [r h/tp, (r+1) h/tp) read: head i reads kv head i // (h / kv)
+        self.kv_index = None if kv_role == "column" else provider.tp_rank * kv // tp
+        self.wk = provider.linear(cfg.d_model, kv * dh, bias=bias, role=kv_role)
+        self.wv = provider.linear(cfg.d_model, kv * dh, bias=bias, role=kv_role)
         self.wo = provider.linear(cfg.n_heads * cfg.dim_head, cfg.d_model, bias=bias, role="row")
         self.q_norm: nn.Module | None = None
         self.k_norm: nn.Module | None = None
         if cfg.qk_norm != "none":
-            self.q_norm = make_norm(provider, cfg, cfg.dim_head, cfg.qk_norm)
-            self.k_norm = make_norm(provider, cfg, cfg.dim_head, cfg.qk_norm)
+            self.q_norm = make_norm(provider, cfg, cfg.dim_head, cfg.qk_norm, per_head=True)
+            self.k_norm = make_norm(provider, cfg, cfg.dim_head, cfg.qk_norm, per_head=True)
         self.rotary = rotary
         self.core = provider.attention_core(cfg, layer)
 
@@ -128,6 +138,8 @@ class Attention(nn.Module):
         q = self.wq(x).view(b, s, -1, self.head_dim)
         k = self.wk(x).view(b, s, -1, self.head_dim)
         v = self.wv(x).view(b, s, -1, self.head_dim)
+        if self.kv_index is not None:
+            k, v = k[:, :, self.kv_index : self.kv_index + 1], v[:, :, self.kv_index : self.kv_index + 1]
         if self.q_norm is not None and self.k_norm is not None:
             q, k = self.q_norm(q), self.k_norm(k)
         q, k, v = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import math
 import typing
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from typing import Literal
 
 import torch
@@ -15,7 +15,7 @@ from tplus_dist.backends import LayerProvider, get_provider
 from tplus_dist.config.model import ModelConfig
 from tplus_dist.model.attention import softcap
 from tplus_dist.model.block import Block
-from tplus_dist.model.init import init_weights, module_weight
+from tplus_dist.model.init import draw_init_seed, init_weights, module_weight
 from tplus_dist.model.norms import make_norm
 from tplus_dist.model.positions import Rotary, sinusoidal_table
 
@@ -23,37 +23,64 @@ ParamKind = Literal["embedding", "hidden", "head", "vector"]
 
 
 class Decoder(nn.Module):
+    """The whole decoder, or a part of it for a pipeline stage: ``layers`` (global indices, default all),
+    with or without the embedding (``embed``) and the final norm + output projection (``head``). Parameter
+    names are the whole decoder's in every part ("layers.5.attn.wq.weight"), and so are initial values
+    (model/init.py draws each parameter from its name)."""
+
     pos_table: torch.Tensor
 
-    def __init__(self, cfg: ModelConfig, provider: LayerProvider | None = None) -> None:
+    def __init__(
+        self,
+        cfg: ModelConfig,
+        provider: LayerProvider | None = None,
+        *,
+        layers: Sequence[int] | None = None,
+        embed: bool = True,
+        head: bool = True,
+        init_seed: int | None = None,
+    ) -> None:
         super().__init__()
+        # drawn first: building layers may consume the global generator (megatron-core's do)
+        seed = draw_init_seed() if init_seed is None else init_seed
         self.cfg = cfg
         provider = provider or get_provider("torch")
+        self.provider = provider
         self.provider_name = provider.name
+        self.has_embed, self.has_head = embed, head
         d = cfg.d_model
-        self.embed = provider.embedding(cfg.padded_vocab_size, d)
-        self.pos_embed = nn.Embedding(cfg.seq_len, d) if cfg.position == "learned" else None
-        if cfg.position == "sinusoidal":
+        self.embed = provider.embedding(cfg.padded_vocab_size, d) if embed else None
+        self.pos_embed = nn.Embedding(cfg.seq_len, d) if embed and cfg.position == "learned" else None
+        if embed and cfg.position == "sinusoidal":
             self.register_buffer("pos_table", sinusoidal_table(cfg.seq_len, d), persistent=False)
         rotary = Rotary(cfg.dim_head, cfg.rope_dim, cfg.rope_theta, cfg.seq_len) if cfg.position == "rope" else None
         # BLOOM's embedding norm is a LayerNorm with bias whatever the model's norm choice
         self.embed_norm = (
-            provider.norm("layernorm", d, eps=cfg.norm_eps, bias=True, unit_offset=False) if cfg.embed_norm else None
+            provider.norm("layernorm", d, eps=cfg.norm_eps, bias=True, unit_offset=False)
+            if embed and cfg.embed_norm
+            else None
         )
+        # keyed by global index, so that a stage's parameters keep the whole model's names;
         # one Rotary shared by every layer: its tables are buffers, not parameters
-        self.layers = nn.ModuleList(Block(cfg, i, provider, rotary) for i in range(cfg.n_layers))
-        self.final_norm = make_norm(provider, cfg, d) if cfg.final_norm else None
-        self.head = None if cfg.tie_embeddings else provider.linear(d, cfg.padded_vocab_size, bias=False, role="vocab")
+        indices = range(cfg.n_layers) if layers is None else layers
+        self.layers = nn.ModuleDict({str(i): Block(cfg, i, provider, rotary) for i in indices})
+        self.final_norm = make_norm(provider, cfg, d) if head and cfg.final_norm else None
+        self.head = (
+            provider.linear(d, cfg.padded_vocab_size, bias=False, role="vocab")
+            if head and not cfg.tie_embeddings
+            else None
+        )
         self.logit_mult = 1.0
         if cfg.output_logit_scale:
             self.logit_mult /= math.sqrt(d)
         if cfg.init == "mup":
             self.logit_mult *= cfg.mup_output_mult / cfg.width_mult
-        init_weights(self, cfg)
+        init_weights(self, cfg, seed)
 
     # ------------------------------------------------------------------ forward
     def embed_tokens(self, tokens: torch.Tensor) -> torch.Tensor:
         cfg = self.cfg
+        assert self.embed is not None, "this part of the decoder has no embedding"
         x = self.embed(tokens)
         if cfg.embed_scale:
             x = x * math.sqrt(cfg.d_model)
@@ -69,26 +96,45 @@ class Decoder(nn.Module):
         return x
 
     def output_logits(self, x: torch.Tensor) -> torch.Tensor:
+        """Final norm, then the output projection (the head, or the tied embedding)."""
         if self.final_norm is not None:
             x = self.final_norm(x)
-        weight = module_weight(self.head if self.head is not None else self.embed)
-        # the padding rows exist for matmul shapes and tensor-parallel splits; slicing the weight (a
-        # contiguous view) rather than the logits skips their compute and a copy of the logits
-        logits = F.linear(x, weight[: self.cfg.vocab_size])
+        out = self.head if self.head is not None else self.embed
+        assert out is not None, "this part of the decoder has neither the head nor the (tied) embedding"
+        return self.project(x, module_weight(out))
+
+    def project(self, x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+        """x times the output rows ``weight``, then the logit multiplier and final soft-cap."""
+        logits = self.provider.logits(x, weight, self.cfg.vocab_size)
         if self.logit_mult != 1.0:
             logits = logits * self.logit_mult
         if self.cfg.final_logit_softcap is not None:
             logits = softcap(logits, self.cfg.final_logit_softcap)
         return logits
 
-    def forward(self, tokens: torch.Tensor) -> torch.Tensor:
-        """[batch, seq] token ids -> [batch, seq, vocab_size] logits."""
-        if tokens.shape[1] > self.cfg.seq_len:
-            raise ValueError(f"sequence of {tokens.shape[1]} tokens is longer than model.seq_len={self.cfg.seq_len}")
-        x = self.embed_tokens(tokens)
-        for layer in self.layers:
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """[batch, seq] token ids -> [batch, seq, vocab_size] logits (under tensor parallelism: this rank's
+        vocabulary slice, padded). A part without the embedding takes hidden states [batch, seq, d_model]; a
+        part without the head returns them (as does a tied model's last part, whose projection the pipeline's
+        tied embedding applies)."""
+        if self.embed is not None:
+            if x.shape[1] > self.cfg.seq_len:
+                raise ValueError(f"sequence of {x.shape[1]} tokens is longer than model.seq_len={self.cfg.seq_len}")
+            x = self.embed_tokens(x)
+        for layer in self.layers.values():
             x = layer(x)
+        if not self.has_head:
+            return x
+        if self.head is None and self.embed is None:
+            return self.final_norm(x) if self.final_norm is not None else x
         return self.output_logits(x)
+
+    def loss(self, logits: torch.Tensor, targets: torch.Tensor) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        """Mean next-token loss of ``forward``'s logits (cross entropy + z-loss), across tensor-parallel ranks."""
+        c = self.cfg
+        return self.provider.lm_loss(
+            logits, targets, vocab_size=c.vocab_size, z_loss=c.z_loss, ignore_index=c.ignore_index
+        )
 
     # ------------------------------------------------------------- bookkeeping
     def parameter_kinds(self) -> Iterator[tuple[str, nn.Parameter, ParamKind]]:
@@ -105,19 +151,26 @@ class Decoder(nn.Module):
                 yield name, p, "vector"
 
     def blocks(self) -> list[Block]:
-        return [typing.cast(Block, layer) for layer in self.layers]
+        return [typing.cast(Block, layer) for layer in self.layers.values()]
 
     def num_params(self) -> int:
         return sum(p.numel() for p in self.parameters())
 
     def num_matmul_params(self) -> int:
-        """Parameters that take part in matrix multiplies (the N of 6N): every matrix except input
-        lookups, plus the output projection (the tied embedding counts once, as the head)."""
+        """Parameters that take part in matrix multiplies (the N of 6N) in the whole model: every matrix
+        except input lookups, plus the output projection (the tied embedding counts once, as the head)."""
         n = sum(p.numel() for _, p, kind in self.parameter_kinds() if kind == "hidden")
         return n + self.cfg.vocab_size * self.cfg.d_model  # the head computes the real vocabulary only
 
     def flops_per_token(self, seq_len: int) -> float:
-        """Training FLOPs per token: 6N + 12 * n_layers * d_model * seq_len (PaLM appendix B);
-        the second term is attention's QK^T and AV, forward and backward, counted without causal savings."""
-        cfg = self.cfg
-        return 6.0 * self.num_matmul_params() + 12.0 * cfg.n_layers * cfg.n_heads * cfg.dim_head * seq_len
+        """Training FLOPs per token of the whole model, however it is split (see model_flops_per_token)."""
+        return model_flops_per_token(self.cfg, seq_len)
+
+
+def model_flops_per_token(cfg: ModelConfig, seq_len: int) -> float:
+    """Training FLOPs per token: 6N + 12 * n_layers * d_model * seq_len (PaLM appendix B); the second term
+    is attention's QK^T and AV, forward and backward, counted without causal savings. N is counted on the
+    whole single-device model (built on the meta device: shapes, no memory)."""
+    with torch.device("meta"):
+        whole = Decoder(cfg, init_seed=0)
+    return 6.0 * whole.num_matmul_params() + 12.0 * cfg.n_layers * cfg.n_heads * cfg.dim_head * seq_len

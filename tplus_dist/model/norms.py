@@ -18,7 +18,18 @@ def _upcast(t: torch.Tensor) -> torch.Tensor:
     return t.to(torch.promote_types(t.dtype, torch.float32))
 
 
-class RMSNorm(nn.Module):
+class _Norm(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        # applied to the gain and bias before use (a tensor-parallel provider sets one that sums their
+        # gradients over the ranks, for norms that see only this rank's heads)
+        self.param_map: nn.Module | None = None
+
+    def _p(self, t: torch.Tensor) -> torch.Tensor:
+        return _upcast(self.param_map(t) if self.param_map is not None else t)
+
+
+class RMSNorm(_Norm):
     """x / rms(x) * g. With unit_offset the stored weight is g - 1 (Gemma), initialised to 0."""
 
     def __init__(self, dim: int, eps: float = 1e-5, unit_offset: bool = False) -> None:
@@ -28,14 +39,14 @@ class RMSNorm(nn.Module):
         self.weight = nn.Parameter(torch.zeros(dim) if unit_offset else torch.ones(dim))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        w = _upcast(self.weight) + 1.0 if self.unit_offset else _upcast(self.weight)
+        w = self._p(self.weight) + 1.0 if self.unit_offset else self._p(self.weight)
         return F.rms_norm(_upcast(x), (x.shape[-1],), w, self.eps).type_as(x)
 
     def reset_parameters(self) -> None:
         nn.init.zeros_(self.weight) if self.unit_offset else nn.init.ones_(self.weight)
 
 
-class LayerNorm(nn.Module):
+class LayerNorm(_Norm):
     """(x - mean) / std * g (+ b); the bias is optional (OLMo, PaLM drop it)."""
 
     def __init__(self, dim: int, eps: float = 1e-5, bias: bool = True, unit_offset: bool = False) -> None:
@@ -46,8 +57,8 @@ class LayerNorm(nn.Module):
         self.bias = nn.Parameter(torch.zeros(dim)) if bias else None
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        w = _upcast(self.weight) + 1.0 if self.unit_offset else _upcast(self.weight)
-        b = _upcast(self.bias) if self.bias is not None else None
+        w = self._p(self.weight) + 1.0 if self.unit_offset else self._p(self.weight)
+        b = self._p(self.bias) if self.bias is not None else None
         return F.layer_norm(_upcast(x), (x.shape[-1],), w, b, self.eps).type_as(x)
 
     def reset_parameters(self) -> None:
@@ -56,9 +67,14 @@ class LayerNorm(nn.Module):
             nn.init.zeros_(self.bias)
 
 
-def make_norm(provider: LayerProvider, cfg: ModelConfig, dim: int, kind: NormKind | None = None) -> nn.Module:
-    """A norm of the model's kind (or ``kind``) with the model's eps, bias and gain convention."""
-    return provider.norm(kind or cfg.norm, dim, eps=cfg.norm_eps, bias=cfg.norm_bias, unit_offset=cfg.norm_unit_offset)
+def make_norm(
+    provider: LayerProvider, cfg: ModelConfig, dim: int, kind: NormKind | None = None, *, per_head: bool = False
+) -> nn.Module:
+    """A norm of the model's kind (or ``kind``) with the model's eps, bias and gain convention; ``per_head``
+    for QK-norm, which normalizes each of this rank's heads."""
+    return provider.norm(
+        kind or cfg.norm, dim, eps=cfg.norm_eps, bias=cfg.norm_bias, unit_offset=cfg.norm_unit_offset, per_head=per_head
+    )
 
 
 def build_norm(kind: str, dim: int, *, eps: float, bias: bool, unit_offset: bool) -> nn.Module:

@@ -164,15 +164,25 @@ def setup_layout(cfg: RunConfig, device: torch.device) -> Layout:
 
     env = launch_env()
     dims = ParallelDims.from_config(cfg.parallel, world, cfg.model).validate()
-    if dims.tp > 1 or dims.pp > 1:
-        field = "parallel.tensor_parallel" if dims.tp > 1 else "parallel.pipeline_parallel"
+    if dims.sequence_parallel:
         raise ConfigError(
-            field,
-            "the trainer runs data parallel (ZeRO 0-3) only so far; tensor and pipeline "
-            "parallel layers are not built yet (issue 4 in progress)",
+            "parallel.sequence_parallel",
+            "is not built yet: the decoder runs tensor parallel with whole sequences on every rank; set it to false",
         )
     groups = init_process_groups(dims, backend="nccl" if device.type == "cuda" else "gloo")
     return Layout(world, env.rank, dims.dp, groups.dp_rank, groups)
+
+
+def build_decoder(cfg: RunConfig, layout: Layout, device: torch.device) -> torch.nn.Module:
+    """The decoder for this rank: whole, or its tensor-parallel slice (megatron-core layers). Every rank starts
+    from the values one process would have (model/init.py), whatever the layout."""
+    torch.manual_seed(cfg.train.seed)
+    if layout.groups is None or layout.groups.dims.tp == 1:
+        return build_model(cfg.model).to(device)
+    from tplus_dist.backends.megatron_provider import MegatronProvider
+
+    provider = MegatronProvider(layout.groups.tp, device=device, params_dtype=torch.float32)
+    return build_model(cfg.model, provider).to(device)
 
 
 def build_trainer(cfg: RunConfig, run_dir: Path | None = None) -> tuple[Trainer, Path]:
@@ -204,8 +214,7 @@ def build_trainer(cfg: RunConfig, run_dir: Path | None = None) -> tuple[Trainer,
         run_dir = Path(shared[0])
     assert run_dir is not None
 
-    torch.manual_seed(cfg.train.seed)  # every rank builds the same initial model
-    model: torch.nn.Module = build_model(cfg.model).to(device)
+    model = build_decoder(cfg, layout, device)
     if cfg.train.compile:
         model = torch.compile(model)  # type: ignore[assignment]
     optimizer = build_optimizer(model, cfg.optim, cfg.model)
@@ -244,6 +253,7 @@ def build_trainer(cfg: RunConfig, run_dir: Path | None = None) -> tuple[Trainer,
             return trainer.loss_on(mb[0].to(device), mb[1].to(device))[0]
 
         trainer.runner = EngineStepRunner(EngineStep(engine, loss_fn, layout.groups.dp))
+    trainer.layout = layout
     return trainer, run_dir
 
 

@@ -119,6 +119,7 @@ class Trainer:
         peak_flops: float | None = None,
         runner: StepRunner | None = None,
         n_devices: int = 1,
+        flops_per_token: float | None = None,
     ) -> None:
         self.cfg = cfg
         self.model = model
@@ -134,8 +135,18 @@ class Trainer:
         self.peak_flops = peak_flops
         self.n_devices = n_devices
         self.runner: StepRunner = runner or LocalStepRunner(self)
-        flops = getattr(getattr(model, "module", model), "flops_per_token", None)  # under an engine: its module
-        self.flops_per_token = float(flops(self.seq_len)) if callable(flops) else None
+        self.layout: Any = None
+        """Where this process stands in a distributed run (train.run.Layout), set by build_trainer."""
+        core = getattr(model, "module", model)  # under an engine: its module
+        if flops_per_token is None:
+            flops = getattr(core, "flops_per_token", None)
+            flops_per_token = float(flops(self.seq_len)) if callable(flops) else None
+        self.flops_per_token = flops_per_token
+        # the decoder's own loss (vocabulary-parallel under tensor parallelism); lm_loss for other models
+        mcfg = cfg.model
+        self.loss_fn: Callable[..., tuple[torch.Tensor, dict[str, torch.Tensor]]] = getattr(core, "loss", None) or (
+            lambda logits, targets: lm_loss(logits, targets, z_loss=mcfg.z_loss, ignore_index=mcfg.ignore_index)
+        )
         self.autocast_dtype = self._autocast_dtype()
 
     def _autocast_dtype(self) -> torch.dtype | None:
@@ -151,10 +162,9 @@ class Trainer:
         return torch.autocast(self.device.type, dtype=self.autocast_dtype)
 
     def loss_on(self, tokens: torch.Tensor, targets: torch.Tensor) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
-        mcfg = self.cfg.model
         with self._autocast():
             logits = self.model(tokens)
-        return lm_loss(logits, targets, z_loss=mcfg.z_loss, ignore_index=mcfg.ignore_index)
+        return self.loss_fn(logits, targets)
 
     def forward_backward_step(self, tokens: torch.Tensor, targets: torch.Tensor, scale: float) -> dict[str, float]:
         """Forward and backward one micro-batch; gradients accumulate, scaled by ``scale``."""
