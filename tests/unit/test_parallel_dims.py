@@ -34,9 +34,9 @@ def error(d: ParallelDims) -> ConfigError:
         (1, {}),
         (4, {"tensor_parallel": 2}),
         (4, {"tensor_parallel": 4}),  # 2 kv heads replicated on 2 ranks each
-        (4, {"pipeline_parallel": 2, "virtual_pipeline_stages": 2}),
+        (4, {"pipeline_parallel": 2, "virtual_pipeline_stages": 1}),
         (8, {"tensor_parallel": 2, "pipeline_parallel": 2, "zero_stage": 1}),
-        (4, {"pipeline_parallel": 2, "zero_stage": 3, "pipeline_runtime": "torch"}),
+        (4, {"pipeline_parallel": 2, "zero_stage": 1}),
         (2, {"tensor_parallel": 2, "sequence_parallel": True}),
     ],
 )
@@ -95,7 +95,7 @@ def test_valid_layouts_pass(world: int, parallel: dict[str, Any]):
             MODEL,
             {"pipeline_parallel": 2, "virtual_pipeline_stages": 4},
             "parallel.virtual_pipeline_stages",
-            "pipeline_parallel 2 x virtual_pipeline_stages 4 = 8 chunks",
+            "DeepSpeed's pipeline engine, whose 1F1B schedule is not interleaved",
         ),
         (
             2,
@@ -148,13 +148,13 @@ def test_a_yaml_with_a_parallel_section_loads(tmp_path: Path):
     path = tmp_path / "run.yaml"
     path.write_text(
         "model:\n  n_layers: 4\n  d_model: 64\n  n_heads: 4\n  vocab_size: 256\n"
-        "parallel:\n  tensor_parallel: 2\n  pipeline_parallel: 2\n  virtual_pipeline_stages: 2\n"
-        "  zero_stage: 0\n  pipeline_runtime: torch\n"
+        "parallel:\n  tensor_parallel: 2\n  pipeline_parallel: 2\n  virtual_pipeline_stages: 1\n"
+        "  zero_stage: 0\n"
     )
     cfg = load_config(path)
-    assert cfg.parallel == ParallelConfig(2, 2, 2, 0, False, "torch")
+    assert cfg.parallel == ParallelConfig(2, 2, 1, 0, False)
     d = ParallelDims.from_config(cfg.parallel, 8, cfg.model).validate()
-    assert (d.tp, d.pp, d.dp, d.vpp) == (2, 2, 2, 2)
+    assert (d.tp, d.pp, d.dp, d.vpp) == (2, 2, 2, 1)
     path.write_text("parallel:\n  data_parallel: 2\n")
     with pytest.raises(ConfigError) as info:
         load_config(path)

@@ -11,8 +11,6 @@ from tplus_dist.config.base import check
 if TYPE_CHECKING:
     from tplus_dist.config.model import ModelConfig
 
-PipelineRuntime = Literal["deepspeed", "torch"]
-
 
 @dataclass
 class OptimConfig:
@@ -232,16 +230,14 @@ class ParallelConfig:
     pipeline_parallel: int = 1
     """Stages the layers are cut into (contiguous blocks); only activations cross stage boundaries."""
     virtual_pipeline_stages: int | None = None
-    """Layer chunks per pipeline rank for the interleaved 1F1B schedule (smaller bubble, more messages). None: one."""
+    """Layer chunks per pipeline rank for an interleaved 1F1B schedule. Not available yet: the pipeline runs on
+    DeepSpeed's engine (plain 1F1B), which has no interleaved schedule; leave it null."""
     zero_stage: int = 1
     """DeepSpeed ZeRO: 0 plain data parallel; 1 shards optimizer state (no extra traffic); 2 also gradients;
     3 also parameters."""
     sequence_parallel: bool = False
     """Shard norm/dropout activations along the sequence over the TP ranks (Megatron SP): less activation
     memory. GPU only; needs tensor_parallel > 1."""
-    pipeline_runtime: PipelineRuntime = "deepspeed"
-    """Who runs pipeline stages: deepspeed (its pipeline engine, as GPT-NeoX; ZeRO 0-1 only) or torch
-    (torch.distributed.pipelining schedules)."""
 
     @property
     def model_parallel(self) -> int:
@@ -261,6 +257,12 @@ class ParallelConfig:
                 p + "virtual_pipeline_stages",
                 f"({vpp}) interleaves pipeline stages, so it needs pipeline_parallel > 1 (got {pp}); set it to null",
             )
+            check(
+                vpp == 1,
+                p + "virtual_pipeline_stages",
+                f"({vpp}): the pipeline runs on DeepSpeed's pipeline engine, whose 1F1B schedule is not interleaved; "
+                "set it to null",
+            )
         check(
             not self.sequence_parallel or tp > 1,
             p + "sequence_parallel",
@@ -268,7 +270,7 @@ class ParallelConfig:
             f"(got {tp}); set it to false",
         )
         check(
-            not (pp > 1 and self.pipeline_runtime == "deepspeed" and self.zero_stage >= 2),
+            not (pp > 1 and self.zero_stage >= 2),
             p + "zero_stage",
             f"ZeRO stage {self.zero_stage} cannot run with pipeline_parallel {pp}: DeepSpeed's pipeline engine "
             "supports ZeRO 0 and 1 only; use zero_stage 1",

@@ -22,6 +22,15 @@ from tplus_dist.model.positions import Rotary, sinusoidal_table
 ParamKind = Literal["embedding", "hidden", "head", "vector"]
 
 
+def parameter_kind(name: str, p: torch.Tensor) -> ParamKind:
+    """The role of the decoder's parameter ``name`` (see Decoder.parameter_kinds)."""
+    if name.startswith(("embed.", "pos_embed.")):
+        return "embedding"
+    if name.startswith("head."):
+        return "head"
+    return "hidden" if p.ndim >= 2 else "vector"
+
+
 class Decoder(nn.Module):
     """The whole decoder, or a part of it for a pipeline stage: ``layers`` (global indices, default all),
     with or without the embedding (``embed``) and the final norm + output projection (``head``). Parameter
@@ -141,14 +150,7 @@ class Decoder(nn.Module):
         """Each parameter with its role for weight decay and muP:
         embedding (input lookups), head (output projection), hidden (other matrices), vector (norms, biases)."""
         for name, p in self.named_parameters():
-            if name.startswith(("embed.", "pos_embed.")):
-                yield name, p, "embedding"
-            elif name.startswith("head."):
-                yield name, p, "head"
-            elif p.ndim >= 2:
-                yield name, p, "hidden"
-            else:
-                yield name, p, "vector"
+            yield name, p, parameter_kind(name, p)
 
     def blocks(self) -> list[Block]:
         return [typing.cast(Block, layer) for layer in self.layers.values()]

@@ -14,7 +14,7 @@ from typing import Literal
 
 from tplus_dist.config.base import ConfigError, check
 from tplus_dist.config.model import ModelConfig
-from tplus_dist.config.sections import ParallelConfig, PipelineRuntime
+from tplus_dist.config.sections import ParallelConfig
 
 # The order handed to parallel_state.initialize_model_parallel; the coordinates below assume it.
 MEGATRON_ORDER = "tp-cp-ep-dp-pp"
@@ -41,7 +41,6 @@ class ParallelDims:
     vpp: int | None = None
     zero_stage: int = 1
     sequence_parallel: bool = False
-    pipeline_runtime: PipelineRuntime = "deepspeed"
     model: ModelConfig | None = None
     """When given, validate() also checks that heads, vocabulary and layers split evenly."""
 
@@ -54,7 +53,6 @@ class ParallelDims:
             vpp=cfg.virtual_pipeline_stages,
             zero_stage=cfg.zero_stage,
             sequence_parallel=cfg.sequence_parallel,
-            pipeline_runtime=cfg.pipeline_runtime,
             model=model,
         )
 
@@ -65,7 +63,6 @@ class ParallelDims:
             virtual_pipeline_stages=self.vpp,
             zero_stage=self.zero_stage,
             sequence_parallel=self.sequence_parallel,
-            pipeline_runtime=self.pipeline_runtime,
         )
 
     def validate(self) -> ParallelDims:

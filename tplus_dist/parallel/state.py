@@ -32,8 +32,9 @@ def full_state_dict(
     """{decoder parameter name: whole tensor on the CPU}, the same on every rank.
 
     ``model`` is the decoder, a DeepSpeed engine around it, or a pipeline stage; ``rename`` maps a stage's
-    parameter names to the decoder's (None drops one, e.g. a tied copy)."""
+    parameter names to the decoder's (None drops one; default: the module's own ``decoder_name``, if any)."""
     core = getattr(model, "module", model)
+    rename = rename or getattr(core, "decoder_name", None)
     named = list(core.named_parameters())
     out: dict[str, torch.Tensor] = {}
     with _zero3_gathered([p for _, p in named]):

@@ -18,6 +18,7 @@ from tplus_dist.data.corpus import pydoc_documents
 from tplus_dist.data.loader import EvalBatches, ShardBatches, fetch_manifest, open_split
 from tplus_dist.data.order import BatchRamp
 from tplus_dist.model import build_model
+from tplus_dist.model.decoder import model_flops_per_token
 from tplus_dist.optim import build_optimizer, build_scheduler
 from tplus_dist.train.hooks import ConsoleHook, EvalHook, Hook, MetricsFileHook
 from tplus_dist.train.metrics import MetricsWriter, device_peak_flops
@@ -174,15 +175,27 @@ def setup_layout(cfg: RunConfig, device: torch.device) -> Layout:
 
 
 def build_decoder(cfg: RunConfig, layout: Layout, device: torch.device) -> torch.nn.Module:
-    """The decoder for this rank: whole, or its tensor-parallel slice (megatron-core layers). Every rank starts
-    from the values one process would have (model/init.py), whatever the layout."""
+    """The decoder for this rank: whole, its tensor-parallel slice (megatron-core layers), or its pipeline stage
+    (a DeepSpeed PipelineModule). Every rank starts from the values one process would have (model/init.py),
+    whatever the layout."""
     torch.manual_seed(cfg.train.seed)
-    if layout.groups is None or layout.groups.dims.tp == 1:
+    groups = layout.groups
+    if groups is None or (groups.dims.tp == 1 and groups.dims.pp == 1):
         return build_model(cfg.model).to(device)
-    from tplus_dist.backends.megatron_provider import MegatronProvider
+    from tplus_dist.backends import LayerProvider, get_provider
 
-    provider = MegatronProvider(layout.groups.tp, device=device, params_dtype=torch.float32)
-    return build_model(cfg.model, provider).to(device)
+    provider: LayerProvider = get_provider("torch")
+    if groups.dims.tp > 1:
+        from tplus_dist.backends.megatron_provider import MegatronProvider
+
+        provider = MegatronProvider(groups.tp, device=device, params_dtype=torch.float32)
+    if groups.dims.pp == 1:
+        return build_model(cfg.model, provider).to(device)
+    from tplus_dist.model.init import draw_init_seed
+    from tplus_dist.parallel.pipeline import build_pipeline
+
+    cfg.model.validate()
+    return build_pipeline(cfg.model, provider, groups, init_seed=draw_init_seed()).to(device)
 
 
 def build_trainer(cfg: RunConfig, run_dir: Path | None = None) -> tuple[Trainer, Path]:
@@ -225,7 +238,9 @@ def build_trainer(cfg: RunConfig, run_dir: Path | None = None) -> tuple[Trainer,
 
         first_accum = data.train.ramp.batch_size(0) // (cfg.train.micro_batch_size * layout.dp)
         ds_config = deepspeed_config(cfg, layout.dp, device.type, grad_accum=first_accum)
-        engine = build_engine(model, optimizer, ds_config, mpu=DeepSpeedMPU(layout.groups))
+        # a pipeline module brings its own grid (the same groups) as DeepSpeed's mpu
+        mpu = DeepSpeedMPU(layout.groups) if layout.groups.dims.pp == 1 else None
+        engine = build_engine(model, optimizer, ds_config, mpu=mpu)
         model, optimizer = engine, engine.optimizer  # the scheduler writes the groups the engine steps with
     scheduler = build_scheduler(
         optimizer, cfg.schedule, cfg.optim, cfg.train.steps, total_tokens=total_tokens(cfg, data.train.ramp)
@@ -245,6 +260,7 @@ def build_trainer(cfg: RunConfig, run_dir: Path | None = None) -> tuple[Trainer,
         hooks,
         peak_flops=device_peak_flops(device, cfg.log.peak_tflops),
         n_devices=layout.world,
+        flops_per_token=model_flops_per_token(cfg.model, cfg.seq_len),
     )
     if engine is not None:
         from tplus_dist.parallel.engine import EngineStep, EngineStepRunner
@@ -252,7 +268,12 @@ def build_trainer(cfg: RunConfig, run_dir: Path | None = None) -> tuple[Trainer,
         def loss_fn(_engine: torch.nn.Module, mb: tuple[torch.Tensor, torch.Tensor]) -> torch.Tensor:
             return trainer.loss_on(mb[0].to(device), mb[1].to(device))[0]
 
-        trainer.runner = EngineStepRunner(EngineStep(engine, loss_fn, layout.groups.dp))
+        if layout.groups.dims.pp > 1:
+            from tplus_dist.parallel.pipeline import PipelineStepRunner
+
+            trainer.runner = PipelineStepRunner(engine, layout.groups, device)
+        else:
+            trainer.runner = EngineStepRunner(EngineStep(engine, loss_fn, layout.groups.dp))
     trainer.layout = layout
     return trainer, run_dir
 

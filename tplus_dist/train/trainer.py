@@ -206,6 +206,9 @@ class Trainer:
         """Mean validation loss over the validation batches (the same batches every time)."""
         if self.val_data is None:
             return float("nan")
+        run_eval = getattr(self.runner, "evaluate", None)  # a pipeline evaluates through its schedule
+        if callable(run_eval):
+            return float(run_eval(list(self.val_data)))
         self.model.eval()
         losses = [self.loss_on(x.to(self.device), y.to(self.device))[0].item() for x, y in self.val_data]
         self.model.train()

@@ -1,0 +1,190 @@
+"""Pipeline parallelism through DeepSpeed's pipeline engine (GPT-NeoX's pairing): contiguous layers per stage,
+its 1F1B training schedule, micro-batches from gradient accumulation, tied embedding and head across the first
+and last stage, ZeRO 0 or 1 across data-parallel replicas.
+
+Why DeepSpeed's engine rather than the alternatives (tried here on CPU/gloo, see ../shared/FACTS.md):
+megatron-core's get_forward_backward_func schedules allocate on CUDA, so CI could not run them;
+torch.distributed.pipelining runs on gloo and has interleaved schedules, but leaves the tied-weight gradient
+all-reduce, data-parallel gradient reduction (DDP breaks with several stages per rank) and checkpointing to us;
+DeepSpeed's engine does all three, runs on gloo and NCCL, and its universal checkpoints re-split stages. What it
+lacks: the interleaved (virtual-stage) schedule, and ZeRO 2/3.
+
+The stage layers are parts of our Decoder (model/decoder.py): the embedding, one part per block, the final norm
+and head; their parameter names and initial values are the whole decoder's.
+"""
+
+from __future__ import annotations
+
+import math
+import re
+from collections.abc import Callable, Iterator, Sequence
+from typing import Any
+
+import torch
+from deepspeed.pipe import LayerSpec, PipelineModule, TiedLayerSpec
+from deepspeed.runtime.pipe.topology import PipeModelDataParallelTopology
+from torch import nn
+
+from tplus_dist.backends.base import LayerProvider
+from tplus_dist.config.model import ModelConfig
+from tplus_dist.model.decoder import Decoder, ParamKind, parameter_kind
+from tplus_dist.model.init import module_weight
+from tplus_dist.parallel.groups import ProcessGroups
+
+MicroBatch = tuple[torch.Tensor, torch.Tensor]
+
+
+class BlockPart(Decoder):
+    """One transformer layer as a pipeline layer (its own class so that stages are balanced by counting it)."""
+
+
+def _project_with_embedding(part: nn.Module, x: torch.Tensor) -> torch.Tensor:
+    """The last stage's use of the tied embedding: the output projection."""
+    assert isinstance(part, Decoder) and part.embed is not None
+    return part.project(x, module_weight(part.embed))
+
+
+class DecoderLoss:
+    """The pipeline's loss_fn(logits, targets): the decoder's loss (vocab-parallel under TP)."""
+
+    def __init__(self, cfg: ModelConfig, provider: LayerProvider) -> None:
+        self.cfg, self.provider = cfg, provider
+
+    def __call__(self, logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+        c = self.cfg
+        loss, _ = self.provider.lm_loss(
+            logits, targets, vocab_size=c.vocab_size, z_loss=c.z_loss, ignore_index=c.ignore_index
+        )
+        return loss
+
+
+_STAGE_PREFIX = re.compile(r"^(?:tied_modules\.[^.]+|\d+)\.")
+
+
+def decoder_name(pipeline_name: str) -> str:
+    """A pipeline module's parameter name -> the decoder's ("5.layers.3.attn.wq.weight" -> "layers.3.attn.wq.weight",
+    "tied_modules.embed.embed.weight" -> "embed.weight")."""
+    return _STAGE_PREFIX.sub("", pipeline_name, count=1)
+
+
+def build_pipeline(cfg: ModelConfig, provider: LayerProvider, groups: ProcessGroups, init_seed: int) -> nn.Module:
+    """The decoder as a DeepSpeed PipelineModule over ``groups``' layout; this rank builds its stage only.
+    DeepSpeed's topology orders ranks pipe-data-model, which is megatron's tp-dp-pp: the same groups."""
+    import deepspeed
+    import torch.distributed as dist
+
+    deepspeed.init_distributed(dist_backend=dist.get_backend())  # PipelineModule talks through deepspeed.comm
+    part: dict[str, Any] = dict(init_seed=init_seed)
+    embed: dict[str, Any] = dict(part, layers=(), embed=True, head=False)
+    tied = cfg.tie_embeddings
+    specs: list[Any] = []
+    if tied:  # the first stage looks tokens up, the last projects with the same (all-reduced) weight
+        specs.append(TiedLayerSpec("embed", Decoder, cfg, provider, tied_weight_attr=["embed.weight"], **embed))
+    else:
+        specs.append(LayerSpec(Decoder, cfg, provider, **embed))
+    specs += [
+        LayerSpec(BlockPart, cfg, provider, layers=(i,), embed=False, head=False, **part) for i in range(cfg.n_layers)
+    ]
+    # the head part: final norm and (untied) output projection; a tied model's stops at the final norm
+    specs.append(LayerSpec(Decoder, cfg, provider, layers=(), embed=False, head=True, **part))
+    if tied:
+        specs.append(
+            TiedLayerSpec(
+                "embed", Decoder, cfg, provider, forward_fn=_project_with_embedding, tied_weight_attr=["embed.weight"],
+                **embed,
+            )
+        )  # fmt: skip
+    dims = groups.dims
+    topology = PipeModelDataParallelTopology(num_pp=dims.pp, num_mp=dims.tp, num_dp=dims.dp)
+    return DecoderPipeline(
+        cfg,
+        layers=specs,
+        topology=topology,
+        loss_fn=DecoderLoss(cfg, provider),
+        partition_method=f"type:{BlockPart.__name__}",
+        activation_checkpoint_interval=0,
+    )
+
+
+class DecoderPipeline(PipelineModule):
+    """DeepSpeed's PipelineModule with the decoder's parameter roles (for weight decay and muP groups)."""
+
+    def __init__(self, cfg: ModelConfig, **kwargs: Any) -> None:
+        super().__init__(**kwargs)
+        self.cfg = cfg
+
+    @staticmethod
+    def decoder_name(name: str) -> str:
+        return decoder_name(name)
+
+    def parameter_kinds(self) -> Iterator[tuple[str, nn.Parameter, ParamKind]]:
+        for name, p in self.named_parameters():
+            yield name, p, parameter_kind(decoder_name(name), p)
+
+
+def clip_pipeline_fp32_grads(engine: Any, groups: ProcessGroups) -> None:
+    """Replace an fp32 ZeRO 0 pipeline engine's gradient clipping with a correct one that keeps the norm.
+
+    DeepSpeed 0.19.8's clip_fp32_gradients counts a parameter that is not tensor-parallel only on model-parallel
+    rank 0, and for a pipeline that group spans the stages: the norm (and so the clipping) leaves out every later
+    stage's layers, and drops the value besides. Here each parameter counts once: tensor-parallel slices on every
+    rank, the rest on tensor-parallel rank 0, a tied embedding's copy on its owning stage only; the squares are
+    summed over the stages and tensor-parallel ranks (the TP x PP group), then every gradient is clipped."""
+    from deepspeed.runtime.utils import is_model_parallel_parameter
+
+    from tplus_dist.optim.clipping import clip_grad_norm
+
+    def reduce_sq(t: torch.Tensor) -> torch.Tensor:
+        torch.distributed.all_reduce(t, group=groups.mp)
+        return t
+
+    def clip_and_keep() -> None:
+        params = [p for p in engine.module.parameters() if p.grad is not None]
+        counted = [
+            p
+            for p in params
+            if not getattr(p, "ds_pipe_replicated", False) and (groups.tp_rank == 0 or is_model_parallel_parameter(p))
+        ]
+        norm = clip_grad_norm(counted, 0.0, reduce_sq=reduce_sq)  # 0: measure only
+        if engine.gradient_clipping() > 0:
+            torch.nn.utils.clip_grads_with_norm_(params, engine.gradient_clipping(), torch.tensor(norm))
+        engine._global_grad_norm = norm
+
+    engine.clip_fp32_gradients = clip_and_keep
+
+
+class PipelineStepRunner:
+    """The trainer's StepRunner over DeepSpeed's pipeline engine: one train_batch per optimizer step, with as many
+    micro-batches as the step has (a growing batch changes their number). Every rank of a replica reads the same
+    micro-batches; the first stage uses the tokens, the last the targets."""
+
+    def __init__(self, engine: Any, groups: ProcessGroups, device: torch.device) -> None:
+        self.engine = engine
+        self.device = device
+        if engine.zero_optimization_stage() == 0 and not engine.bfloat16_enabled():
+            clip_pipeline_fp32_grads(engine, groups)
+
+    def _iter(self, micro_batches: Sequence[Any]) -> Iterator[MicroBatch]:
+        return iter([(mb.tokens.to(self.device), mb.targets.to(self.device)) for mb in micro_batches])
+
+    def run(self, micro_batches: Sequence[Any], before_update: Callable[[], None]) -> tuple[dict[str, float], float]:
+        eng = self.engine
+        n = len(micro_batches)
+        if eng.gradient_accumulation_steps() != n:
+            eng.set_train_batch_size(micro_batches[0].tokens.shape[0] * n * eng.dp_world_size)
+        before_update()  # the step's lr and weight decay, in the groups the engine steps with
+        loss = float(eng.train_batch(self._iter(micro_batches)))  # the replica mean, averaged over data parallel
+        if not math.isfinite(loss):
+            from tplus_dist.train.trainer import NonFiniteLossError
+
+            raise NonFiniteLossError(f"loss is {loss} after a pipeline step")
+        norm = eng.get_global_grad_norm()
+        return {"loss": loss}, float("nan") if norm is None else float(norm)
+
+    def evaluate(self, batches: Sequence[tuple[torch.Tensor, torch.Tensor]]) -> float:
+        """Mean loss over ``batches`` (one micro-batch each), through the pipeline; the same on every rank."""
+        losses = []
+        for x, y in batches:
+            out = self.engine.eval_batch(iter([(x.to(self.device), y.to(self.device))]), num_micro_batches=1)
+            losses.append(float(out))
+        return sum(losses) / len(losses)
