@@ -6,6 +6,7 @@ import os
 import sys
 
 from tplus_dist.config import ConfigError, load_config
+from tplus_dist.parallel.dims import LaunchEnvError
 
 USAGE = """tplus COMMAND [args]
 
@@ -65,8 +66,24 @@ def cmd_prepare(argv: list[str]) -> int:
 COMMANDS = {"train": cmd_train, "config": cmd_config, "bench": cmd_bench, "prepare": cmd_prepare}
 
 
+def strip_launcher_args(argv: list[str]) -> list[str]:
+    """Drop ``--local_rank=N`` / ``--local_rank N``, which the deepspeed launcher adds before the script's own
+    arguments (the rank is read from LOCAL_RANK, which it also sets)."""
+    out, skip = [], False
+    for i, a in enumerate(argv):
+        if skip:
+            skip = False
+        elif a.startswith("--local_rank="):
+            continue
+        elif a == "--local_rank" and i + 1 < len(argv) and argv[i + 1].isdigit():
+            skip = True
+        else:
+            out.append(a)
+    return out
+
+
 def main(argv: list[str] | None = None) -> int:
-    argv = list(sys.argv[1:] if argv is None else argv)
+    argv = strip_launcher_args(list(sys.argv[1:] if argv is None else argv))
     if not argv or argv[0] in ("-h", "--help", "help"):
         print(USAGE)
         return 0
@@ -81,6 +98,9 @@ def main(argv: list[str] | None = None) -> int:
         return COMMANDS[cmd](rest)
     except ConfigError as e:
         print(f"tplus: config error: {e}", file=sys.stderr)
+        return 2
+    except LaunchEnvError as e:
+        print(f"tplus: launch error: {e}", file=sys.stderr)
         return 2
     except (FileNotFoundError, ValueError) as e:
         print(f"tplus: error: {e}", file=sys.stderr)

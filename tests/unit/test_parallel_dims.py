@@ -241,3 +241,44 @@ def test_a_bad_launch_env_names_the_variable(change: dict[str, str | None], vari
     assert info.value.variable == variable
     assert words in info.value.reason, info.value.reason
     assert "torchrun" in str(info.value)
+
+
+# ------------------------------------------------------------------------------- through the CLI
+
+
+LAUNCHED = {"WORLD_SIZE": "2", "RANK": "0", "LOCAL_RANK": "0", "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": "29599"}
+
+
+@pytest.mark.parametrize(
+    "env, overrides, words",
+    [
+        ({**LAUNCHED, "LOCAL_RANK": None}, [], "launch error: LOCAL_RANK: is not set"),
+        ({**LAUNCHED, "MASTER_PORT": "http"}, [], "launch error: MASTER_PORT: must be an integer"),
+        (LAUNCHED, ["--parallel.tensor_parallel=4"], "config error: parallel.tensor_parallel: world size 2"),
+        (LAUNCHED, ["--parallel.pipeline_parallel=2", "--model.n_layers=3"], "model.n_layers (3) is not divisible"),
+        (
+            LAUNCHED,
+            ["--parallel.pipeline_parallel=2", "--parallel.zero_stage=3"],
+            "ZeRO stage 3 cannot run with pipeline_parallel 2",
+        ),
+    ],
+)
+def test_a_bad_launch_or_layout_stops_the_cli_before_any_work(tmp_path, monkeypatch, capsys, env, overrides, words):
+    from tplus_dist.cli import main
+
+    for key, value in env.items():
+        if value is None:
+            monkeypatch.delenv(key, raising=False)
+        else:
+            monkeypatch.setenv(key, value)
+    rc = main(["train", "configs/tiny.yaml", f"--log.run_dir={tmp_path}/run", *overrides])
+    assert rc == 2
+    assert words in capsys.readouterr().err
+    assert not (tmp_path / "run").exists()  # nothing written, no process group joined
+
+
+def test_the_deepspeed_launchers_local_rank_argument_is_dropped():
+    from tplus_dist.cli import strip_launcher_args
+
+    assert strip_launcher_args(["--local_rank=1", "train", "x.yaml", "--a=1"]) == ["train", "x.yaml", "--a=1"]
+    assert strip_launcher_args(["train", "--local_rank", "3", "x.yaml"]) == ["train", "x.yaml"]

@@ -10,7 +10,10 @@ data-parallel groups serve the distributed optimizer's CPU side and would duplic
 
 from __future__ import annotations
 
+import contextlib
 import datetime
+import glob
+import os
 from dataclasses import dataclass
 from typing import Any, Literal
 
@@ -119,12 +122,32 @@ def init_process_groups(
 
 
 def destroy_process_groups() -> None:
-    """Tear down parallel_state and torch.distributed (safe to call when either is not initialized)."""
+    """Tear down parallel_state and torch.distributed (safe to call when either is not initialized), and remove
+    this rank's DeepSpeed shared-memory buffer."""
     ps = _parallel_state()
     if ps.model_parallel_is_initialized():
         ps.destroy_model_parallel()
     if dist.is_initialized():
+        dist.barrier()  # nobody reads another rank's buffer any more
+        remove_deepspeed_shm_buffer()
         dist.destroy_process_group()
+
+
+def remove_deepspeed_shm_buffer(env: dict[str, str] | None = None) -> list[str]:
+    """Unlink /dev/shm/deepspeed_allreduce_buffer_*_{MASTER_ADDR}_{MASTER_PORT}_{LOCAL_RANK}: DeepSpeed's CPU
+    shared-memory all-reduce (used when the deepspeed launcher sets LOCAL_SIZE) leaves 66 MB a rank behind.
+    Only this rank's, of this job (address and port). Returns the paths removed."""
+    env = dict(os.environ) if env is None else env
+    keys = ("MASTER_ADDR", "MASTER_PORT", "LOCAL_RANK")
+    if not all(k in env for k in keys):
+        return []
+    addr, port, local = (env[k] for k in keys)
+    removed = []
+    for path in glob.glob(f"/dev/shm/deepspeed_allreduce_buffer_*_{addr}_{port}_{local}"):
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(path)
+            removed.append(path)
+    return removed
 
 
 class DeepSpeedMPU:

@@ -163,6 +163,10 @@ def setup_layout(cfg: RunConfig, device: torch.device) -> Layout:
     from tplus_dist.parallel.dims import ParallelDims, launch_env
     from tplus_dist.parallel.groups import init_process_groups
 
+    if "LOCAL_WORLD_SIZE" not in os.environ and "LOCAL_SIZE" in os.environ:
+        # the deepspeed launcher says LOCAL_SIZE; streaming (which elects one process per node to set up
+        # shared memory) and torch read LOCAL_WORLD_SIZE
+        os.environ["LOCAL_WORLD_SIZE"] = os.environ["LOCAL_SIZE"]
     env = launch_env()
     dims = ParallelDims.from_config(cfg.parallel, world, cfg.model).validate()
     if dims.sequence_parallel:
