@@ -237,7 +237,7 @@ class ParallelConfig:
     3 also parameters."""
     sequence_parallel: bool = False
     """Shard norm/dropout activations along the sequence over the TP ranks (Megatron SP): less activation
-    memory. GPU only; needs tensor_parallel > 1."""
+    memory. GPU only; needs tensor_parallel > 1. Not built yet: a run with it stops at launch."""
 
     @property
     def model_parallel(self) -> int:

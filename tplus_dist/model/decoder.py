@@ -169,10 +169,19 @@ class Decoder(nn.Module):
         return model_flops_per_token(self.cfg, seq_len)
 
 
+def _shapes_only(cfg: ModelConfig) -> Decoder:
+    with torch.device("meta"):
+        return Decoder(cfg, init_seed=0)
+
+
+def model_num_params(cfg: ModelConfig) -> int:
+    """Parameters of the whole model (counted on the meta device)."""
+    return _shapes_only(cfg).num_params()
+
+
 def model_flops_per_token(cfg: ModelConfig, seq_len: int) -> float:
     """Training FLOPs per token: 6N + 12 * n_layers * d_model * seq_len (PaLM appendix B); the second term
     is attention's QK^T and AV, forward and backward, counted without causal savings. N is counted on the
     whole single-device model (built on the meta device: shapes, no memory)."""
-    with torch.device("meta"):
-        whole = Decoder(cfg, init_seed=0)
+    whole = _shapes_only(cfg)
     return 6.0 * whole.num_matmul_params() + 12.0 * cfg.n_layers * cfg.n_heads * cfg.dim_head * seq_len

@@ -18,7 +18,7 @@ from tplus_dist.data.corpus import pydoc_documents
 from tplus_dist.data.loader import EvalBatches, ShardBatches, fetch_manifest, open_split
 from tplus_dist.data.order import BatchRamp
 from tplus_dist.model import build_model
-from tplus_dist.model.decoder import model_flops_per_token
+from tplus_dist.model.decoder import model_flops_per_token, model_num_params
 from tplus_dist.optim import build_optimizer, build_scheduler
 from tplus_dist.train.hooks import ConsoleHook, EvalHook, Hook, MetricsFileHook
 from tplus_dist.train.metrics import MetricsWriter, device_peak_flops
@@ -287,8 +287,9 @@ def train(cfg: RunConfig, run_dir: Path | None = None) -> tuple[Path, list[dict[
     trainer, run_dir = build_trainer(cfg, run_dir)
     distributed = int(os.environ.get("WORLD_SIZE", "1")) > 1
     if not distributed or int(os.environ.get("RANK", "0")) == 0:
-        n = sum(p.numel() for p in trainer.model.parameters())
-        where = f"{os.environ.get('WORLD_SIZE', 1)} processes" if distributed else str(trainer.device)
+        n = model_num_params(cfg.model)  # the whole model's, however it is split
+        layout = trainer.layout.groups.dims if trainer.layout is not None and trainer.layout.groups else None
+        where = f"{layout}" if distributed else str(trainer.device)
         print(f"tplus: {n / 1e6:.2f}M parameters on {where}; writing {run_dir}", flush=True)
     try:
         return run_dir, trainer.fit()
