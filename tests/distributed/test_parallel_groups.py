@@ -16,7 +16,7 @@ from tplus_dist.spawn import run_distributed
 
 # (tensor_parallel, pipeline_parallel, virtual stages) per world size
 LAYOUTS_2 = [(2, 1, None), (1, 2, None), (1, 1, None)]  # TP=2, PP=2, DP=2
-LAYOUTS_4 = [(2, 1, None), (1, 2, 1), (2, 2, None)]  # TP=2 x DP=2, PP=2 x DP=2, TP=2 x PP=2
+LAYOUTS_4 = [(2, 1, None), (1, 2, 2), (2, 2, None)]  # TP=2 x DP=2, PP=2 x DP=2 (interleaved), TP=2 x PP=2
 
 
 def _sum_over(group: dist.ProcessGroup, rank: int) -> float:

@@ -31,11 +31,13 @@ def test_pipeline_equals_one_process(tmp_path: Path, zero: int, tied: bool) -> N
 
 @pytest.mark.slow
 def test_pipeline_and_data_parallel_equal_one_process(tmp_path: Path) -> None:
-    # PP 2 x DP 2: global batch 8 = 4 x 1 x 2 replicas; 2 micro-batches per replica keep the pipeline busy
+    # PP 2 x DP 2: global batch 8 = 4 x 1 x 2 replicas; 2 micro-batches per replica keep the pipeline busy;
+    # validation at step 5 runs through the pipeline engine's eval_batch
+    ev = ["--train.eval_interval=5", "--train.eval_batches=2"]
     compare(
-        single(tmp_path, "--train.micro_batch_size=2", "--train.grad_accum=4"),
+        single(tmp_path, "--train.micro_batch_size=2", "--train.grad_accum=4", *ev),
         distributed(
-            tmp_path, 4, "--train.micro_batch_size=2", "--train.grad_accum=2", "--parallel.pipeline_parallel=2"
+            tmp_path, 4, "--train.micro_batch_size=2", "--train.grad_accum=2", "--parallel.pipeline_parallel=2", *ev
         ),
     )
 
@@ -47,5 +49,32 @@ def test_tensor_pipeline_layout_equals_one_process(tmp_path: Path) -> None:
         distributed(
             tmp_path, 4, "--train.grad_accum=2", "--parallel.pipeline_parallel=2", "--parallel.tensor_parallel=2",
             "--model.qk_norm=rmsnorm", "--model.n_kv_heads=1",
+        ),
+    )  # fmt: skip
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("zero", [0, 1])
+def test_interleaved_pipeline_equals_one_process(tmp_path: Path, zero: int) -> None:
+    # 4 layers in 4 chunks: rank 0 holds layers 0 and 2, rank 1 layers 1 and 3; the tied embedding spans ranks
+    model = ["--model.tie_embeddings=true", "--model.z_loss=1e-4"]
+    compare(
+        single(tmp_path, "--train.grad_accum=4", *model),
+        distributed(
+            tmp_path, 2, "--train.grad_accum=4", "--parallel.pipeline_parallel=2",
+            "--parallel.virtual_pipeline_stages=2", f"--parallel.zero_stage={zero}", *model,
+        ),
+    )  # fmt: skip
+
+
+@pytest.mark.slow
+def test_interleaved_pipeline_and_data_parallel_with_evaluation_equal_one_process(tmp_path: Path) -> None:
+    # PP 2 x DP 2, 2 chunks per rank, untied; validation through the pipeline's forward-only schedule at step 5
+    model = ["--model.tie_embeddings=false", "--train.eval_interval=5", "--train.eval_batches=2"]
+    compare(
+        single(tmp_path, "--train.micro_batch_size=2", "--train.grad_accum=4", *model),
+        distributed(
+            tmp_path, 4, "--train.micro_batch_size=2", "--train.grad_accum=2", "--parallel.pipeline_parallel=2",
+            "--parallel.virtual_pipeline_stages=2", *model,
         ),
     )  # fmt: skip

@@ -42,7 +42,7 @@ def run_and_gather(overrides: list[str]) -> Result:
         tp_group=groups.tp if groups is not None else None,
         pp_group=groups.pp if groups is not None else None,
     )
-    return [[m[k] for k in KEYS] for m in history], state
+    return [[m[k] for k in KEYS] + [m.get("val_loss", -1.0)] for m in history], state
 
 
 def _rank(rank: int, world: int, overrides: list[str], out: str) -> None:
@@ -67,9 +67,10 @@ def compare(single: Result, parallel: Result, param_tol: float = PARAM_TOL) -> N
     (a_hist, a_params), (b_hist, b_params) = single, parallel
     assert len(a_hist) == len(b_hist) == 5
     for a, b in zip(a_hist, b_hist, strict=True):
-        assert a[3:] == b[3:]  # the same samples: batch size, first and last stream position, tokens
+        assert a[3:7] == b[3:7]  # the same samples: batch size, first and last stream position, tokens
         assert a[2] == pytest.approx(b[2], rel=1e-12)  # lr
         assert abs(a[0] - b[0]) < 1e-5 and abs(a[1] - b[1]) < 1e-5, (a, b)  # loss, grad norm (fp32)
+        assert abs(a[7] - b[7]) < 1e-5, (a, b)  # validation loss (-1 where not evaluated)
     assert a_params.keys() == b_params.keys()
     worst = max(((p - b_params[n]).abs().max().item(), n) for n, p in a_params.items() if p.shape == b_params[n].shape)
     print(f"largest parameter difference: {worst[0]:.2e} ({worst[1]})")

@@ -34,7 +34,7 @@ def error(d: ParallelDims) -> ConfigError:
         (1, {}),
         (4, {"tensor_parallel": 2}),
         (4, {"tensor_parallel": 4}),  # 2 kv heads replicated on 2 ranks each
-        (4, {"pipeline_parallel": 2, "virtual_pipeline_stages": 1}),
+        (4, {"pipeline_parallel": 2, "virtual_pipeline_stages": 2}),
         (8, {"tensor_parallel": 2, "pipeline_parallel": 2, "zero_stage": 1}),
         (4, {"pipeline_parallel": 2, "zero_stage": 1}),
         (2, {"tensor_parallel": 2, "sequence_parallel": True}),
@@ -95,7 +95,7 @@ def test_valid_layouts_pass(world: int, parallel: dict[str, Any]):
             MODEL,
             {"pipeline_parallel": 2, "virtual_pipeline_stages": 4},
             "parallel.virtual_pipeline_stages",
-            "DeepSpeed's pipeline engine, whose 1F1B schedule is not interleaved",
+            "pipeline_parallel 2 x virtual_pipeline_stages 4 = 8 chunks",
         ),
         (
             2,

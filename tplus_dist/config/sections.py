@@ -230,8 +230,8 @@ class ParallelConfig:
     pipeline_parallel: int = 1
     """Stages the layers are cut into (contiguous blocks); only activations cross stage boundaries."""
     virtual_pipeline_stages: int | None = None
-    """Layer chunks per pipeline rank for an interleaved 1F1B schedule. Not available yet: the pipeline runs on
-    DeepSpeed's engine (plain 1F1B), which has no interleaved schedule; leave it null."""
+    """Layer chunks per pipeline rank: more than 1 runs the interleaved 1F1B schedule (torch.distributed.pipelining;
+    a smaller bubble, more messages), null or 1 DeepSpeed's pipeline engine (plain 1F1B)."""
     zero_stage: int = 1
     """DeepSpeed ZeRO: 0 plain data parallel; 1 shards optimizer state (no extra traffic); 2 also gradients;
     3 also parameters."""
@@ -257,12 +257,7 @@ class ParallelConfig:
                 p + "virtual_pipeline_stages",
                 f"({vpp}) interleaves pipeline stages, so it needs pipeline_parallel > 1 (got {pp}); set it to null",
             )
-            check(
-                vpp == 1,
-                p + "virtual_pipeline_stages",
-                f"({vpp}): the pipeline runs on DeepSpeed's pipeline engine, whose 1F1B schedule is not interleaved; "
-                "set it to null",
-            )
+
         check(
             not self.sequence_parallel or tp > 1,
             p + "sequence_parallel",

@@ -33,7 +33,9 @@ def parameter_kind(name: str, p: torch.Tensor) -> ParamKind:
 
 class Decoder(nn.Module):
     """The whole decoder, or a part of it for a pipeline stage: ``layers`` (global indices, default all),
-    with or without the embedding (``embed``) and the final norm + output projection (``head``). Parameter
+    with or without the embedding (``embed``) and the final norm + output projection (``head``); a head part
+    of a tied model with ``tied_output`` keeps its own copy of the embedding as the projection (the pipeline
+    then sums the two copies' gradients). Parameter
     names are the whole decoder's in every part ("layers.5.attn.wq.weight"), and so are initial values
     (model/init.py draws each parameter from its name)."""
 
@@ -47,6 +49,7 @@ class Decoder(nn.Module):
         layers: Sequence[int] | None = None,
         embed: bool = True,
         head: bool = True,
+        tied_output: bool = False,
         init_seed: int | None = None,
     ) -> None:
         super().__init__()
@@ -58,7 +61,8 @@ class Decoder(nn.Module):
         self.provider_name = provider.name
         self.has_embed, self.has_head = embed, head
         d = cfg.d_model
-        self.embed = provider.embedding(cfg.padded_vocab_size, d) if embed else None
+        own_output = head and tied_output and cfg.tie_embeddings
+        self.embed = provider.embedding(cfg.padded_vocab_size, d) if embed or own_output else None
         self.pos_embed = nn.Embedding(cfg.seq_len, d) if embed and cfg.position == "learned" else None
         if embed and cfg.position == "sinusoidal":
             self.register_buffer("pos_table", sinusoidal_table(cfg.seq_len, d), persistent=False)
@@ -89,7 +93,7 @@ class Decoder(nn.Module):
     # ------------------------------------------------------------------ forward
     def embed_tokens(self, tokens: torch.Tensor) -> torch.Tensor:
         cfg = self.cfg
-        assert self.embed is not None, "this part of the decoder has no embedding"
+        assert self.has_embed and self.embed is not None, "this part of the decoder has no embedding"
         x = self.embed(tokens)
         if cfg.embed_scale:
             x = x * math.sqrt(cfg.d_model)
@@ -126,7 +130,7 @@ class Decoder(nn.Module):
         vocabulary slice, padded). A part without the embedding takes hidden states [batch, seq, d_model]; a
         part without the head returns them (as does a tied model's last part, whose projection the pipeline's
         tied embedding applies)."""
-        if self.embed is not None:
+        if self.has_embed:
             if x.shape[1] > self.cfg.seq_len:
                 raise ValueError(f"sequence of {x.shape[1]} tokens is longer than model.seq_len={self.cfg.seq_len}")
             x = self.embed_tokens(x)

@@ -7,7 +7,8 @@ megatron-core's get_forward_backward_func schedules allocate on CUDA, so CI coul
 torch.distributed.pipelining runs on gloo and has interleaved schedules, but leaves the tied-weight gradient
 all-reduce, data-parallel gradient reduction (DDP breaks with several stages per rank) and checkpointing to us;
 DeepSpeed's engine does all three, runs on gloo and NCCL, and its universal checkpoints re-split stages. What it
-lacks: the interleaved (virtual-stage) schedule, and ZeRO 2/3.
+lacks: ZeRO 2/3, and the interleaved (virtual-stage) schedule, for which parallel/interleaved.py runs
+torch.distributed.pipelining's.
 
 The stage layers are parts of our Decoder (model/decoder.py): the embedding, one part per block, the final norm
 and head; their parameter names and initial values are the whole decoder's.

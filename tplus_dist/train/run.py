@@ -196,9 +196,15 @@ def build_decoder(cfg: RunConfig, layout: Layout, device: torch.device) -> torch
     if groups.dims.pp == 1:
         return build_model(cfg.model, provider).to(device)
     from tplus_dist.model.init import draw_init_seed
-    from tplus_dist.parallel.pipeline import build_pipeline
 
     cfg.model.validate()
+    virtual = groups.dims.vpp or 1
+    if virtual > 1:
+        from tplus_dist.parallel.interleaved import InterleavedChunks
+
+        return InterleavedChunks(cfg.model, provider, groups, virtual, init_seed=draw_init_seed()).to(device)
+    from tplus_dist.parallel.pipeline import build_pipeline
+
     return build_pipeline(cfg.model, provider, groups, init_seed=draw_init_seed()).to(device)
 
 
@@ -242,8 +248,9 @@ def build_trainer(cfg: RunConfig, run_dir: Path | None = None) -> tuple[Trainer,
 
         first_accum = data.train.ramp.batch_size(0) // (cfg.train.micro_batch_size * layout.dp)
         ds_config = deepspeed_config(cfg, layout.dp, device.type, grad_accum=first_accum)
-        # a pipeline module brings its own grid (the same groups) as DeepSpeed's mpu
-        mpu = DeepSpeedMPU(layout.groups) if layout.groups.dims.pp == 1 else None
+        # DeepSpeed's pipeline module brings its own grid (the same groups) as the mpu
+        deepspeed_pipeline = layout.groups.dims.pp > 1 and (layout.groups.dims.vpp or 1) == 1
+        mpu = None if deepspeed_pipeline else DeepSpeedMPU(layout.groups)
         engine = build_engine(model, optimizer, ds_config, mpu=mpu)
         model, optimizer = engine, engine.optimizer  # the scheduler writes the groups the engine steps with
     scheduler = build_scheduler(
@@ -272,7 +279,13 @@ def build_trainer(cfg: RunConfig, run_dir: Path | None = None) -> tuple[Trainer,
         def loss_fn(_engine: torch.nn.Module, mb: tuple[torch.Tensor, torch.Tensor]) -> torch.Tensor:
             return trainer.loss_on(mb[0].to(device), mb[1].to(device))[0]
 
-        if layout.groups.dims.pp > 1:
+        if layout.groups.dims.pp > 1 and (layout.groups.dims.vpp or 1) > 1:
+            from tplus_dist.parallel.interleaved import InterleavedChunks, InterleavedStepRunner
+
+            chunks = engine.module
+            assert isinstance(chunks, InterleavedChunks)
+            trainer.runner = InterleavedStepRunner(engine, chunks, layout.groups, device)
+        elif layout.groups.dims.pp > 1:
             from tplus_dist.parallel.pipeline import PipelineStepRunner
 
             trainer.runner = PipelineStepRunner(engine, layout.groups, device)
