@@ -282,3 +282,39 @@ def test_the_deepspeed_launchers_local_rank_argument_is_dropped():
 
     assert strip_launcher_args(["--local_rank=1", "train", "x.yaml", "--a=1"]) == ["train", "x.yaml", "--a=1"]
     assert strip_launcher_args(["train", "--local_rank", "3", "x.yaml"]) == ["train", "x.yaml"]
+
+
+# ------------------------------------------------------------------------------- the user's DeepSpeed JSON
+
+
+def test_a_deepspeed_json_is_merged_over_the_generated_config(tmp_path):
+    from tplus_dist.parallel.engine import deepspeed_config, load_deepspeed_overrides
+
+    path = tmp_path / "ds.json"
+    path.write_text('{"zero_optimization": {"reduce_bucket_size": 12345, "overlap_comm": true}}')
+    cfg = load_config("configs/tiny.yaml", [f"--parallel.deepspeed_config={path}", "--parallel.zero_stage=2"])
+    ds = deepspeed_config(cfg, 2, "cpu", overrides=load_deepspeed_overrides(cfg.parallel.deepspeed_config))
+    assert ds["zero_optimization"] == {"stage": 2, "reduce_bucket_size": 12345, "overlap_comm": True}
+
+
+@pytest.mark.parametrize(
+    "text, words",
+    [
+        (None, "does not exist"),
+        ("{not json", "is not valid JSON"),
+        ("[1, 2]", "must hold a JSON object"),
+        ('{"gradient_accumulation_steps": 4}', "'gradient_accumulation_steps', which comes from train.grad_accum"),
+        ('{"zero_optimization": {"stage": 3}}', "'zero_optimization.stage', which comes from parallel.zero_stage"),
+        ('{"optimizer": {"type": "Adam"}}', "'optimizer', which comes from optim.*"),
+    ],
+)
+def test_a_bad_deepspeed_json_is_one_error_naming_the_file(tmp_path, text, words):
+    from tplus_dist.parallel.engine import load_deepspeed_overrides
+
+    path = tmp_path / "ds.json"
+    if text is not None:
+        path.write_text(text)
+    with pytest.raises(ConfigError) as info:
+        load_deepspeed_overrides(str(path))
+    assert info.value.field == "parallel.deepspeed_config"
+    assert str(path) in info.value.reason and words in info.value.reason, info.value.reason

@@ -238,6 +238,10 @@ class ParallelConfig:
     sequence_parallel: bool = False
     """Shard norm/dropout activations along the sequence over the TP ranks (Megatron SP): less activation
     memory. GPU only; needs tensor_parallel > 1. Not built yet: a run with it stops at launch."""
+    deepspeed_config: str | None = None
+    """A DeepSpeed JSON file merged over the config generated from this one (bucket sizes, overlap_comm,
+    communication data types, ...). Keys this config owns (batch sizes, accumulation, ZeRO stage, clipping,
+    precision, optimizer, scheduler) are refused there, naming the field to set instead."""
 
     @property
     def model_parallel(self) -> int:

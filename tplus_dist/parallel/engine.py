@@ -60,6 +60,49 @@ def deep_merge(base: Mapping[str, Any], override: Mapping[str, Any]) -> dict[str
     return out
 
 
+# DeepSpeed keys whose value comes from our config: where to set each instead
+OWNED_KEYS = {
+    "train_micro_batch_size_per_gpu": "train.micro_batch_size",
+    "gradient_accumulation_steps": "train.grad_accum",
+    "train_batch_size": "train.micro_batch_size x train.grad_accum x data-parallel ranks",
+    "zero_optimization.stage": "parallel.zero_stage",
+    "gradient_clipping": "optim.grad_clip",
+    "bf16": "precision.dtype",
+    "fp16": "precision.dtype",
+    "optimizer": "optim.*",
+    "scheduler": "schedule.*",
+}
+
+
+def load_deepspeed_overrides(path: str | None) -> dict[str, Any]:
+    """The user's DeepSpeed JSON (parallel.deepspeed_config), checked: readable, a JSON object, and setting no
+    key our config owns. Raises ConfigError naming the file and the key."""
+    import json
+    from pathlib import Path
+
+    from tplus_dist.config import ConfigError
+
+    if path is None:
+        return {}
+    field = "parallel.deepspeed_config"
+    file = Path(path)
+    if not file.is_file():
+        raise ConfigError(field, f"{path} does not exist or is not a file")
+    try:
+        data = json.loads(file.read_text())
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise ConfigError(field, f"{path} is not valid JSON: {e}") from None
+    if not isinstance(data, dict):
+        raise ConfigError(field, f"{path} must hold a JSON object, got {type(data).__name__}")
+    for key, instead in OWNED_KEYS.items():
+        node: Any = data
+        for part in key.split("."):
+            node = node.get(part) if isinstance(node, dict) else None
+        if node is not None:
+            raise ConfigError(field, f"{path} sets {key!r}, which comes from {instead}: set that instead")
+    return data
+
+
 def use_bf16(cfg: RunConfig, device: str) -> bool:
     """precision.dtype, with auto meaning bf16 on GPU and fp32 on CPU."""
     if cfg.precision.dtype == "auto":

@@ -213,6 +213,9 @@ def build_trainer(cfg: RunConfig, run_dir: Path | None = None) -> tuple[Trainer,
     cfg.validate()
     device = resolve_device(cfg.train.device)
     torch.set_num_threads(int(os.environ.get("TPLUS_NUM_THREADS", torch.get_num_threads())))
+    from tplus_dist.parallel.engine import load_deepspeed_overrides
+
+    ds_overrides = load_deepspeed_overrides(cfg.parallel.deepspeed_config)  # a bad file stops here, before work
     layout = setup_layout(cfg, device)
     if device.type == "cuda" and layout.world > 1:
         device = torch.device("cuda", torch.cuda.current_device())
@@ -247,7 +250,7 @@ def build_trainer(cfg: RunConfig, run_dir: Path | None = None) -> tuple[Trainer,
         from tplus_dist.parallel.groups import DeepSpeedMPU
 
         first_accum = data.train.ramp.batch_size(0) // (cfg.train.micro_batch_size * layout.dp)
-        ds_config = deepspeed_config(cfg, layout.dp, device.type, grad_accum=first_accum)
+        ds_config = deepspeed_config(cfg, layout.dp, device.type, grad_accum=first_accum, overrides=ds_overrides)
         # DeepSpeed's pipeline module brings its own grid (the same groups) as the mpu
         deepspeed_pipeline = layout.groups.dims.pp > 1 and (layout.groups.dims.vpp or 1) == 1
         mpu = None if deepspeed_pipeline else DeepSpeedMPU(layout.groups)
