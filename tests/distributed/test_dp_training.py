@@ -42,7 +42,7 @@ def _compare(single: list[list[float]], dp: list[list[float]]) -> None:
     for a, b in zip(single, dp, strict=True):
         assert a[3:] == b[3:]  # the same samples: batch size, first and last stream position, tokens
         assert a[2] == pytest.approx(b[2], rel=1e-12)  # lr
-        assert abs(a[0] - b[0]) < 1e-5 and abs(a[1] - b[1]) < 1e-5, (a, b)  # loss, grad norm (fp32)
+        assert abs(a[0] - b[0]) < 1e-5 and abs(a[1] - b[1]) < 1e-5 * a[1], (a, b)  # loss; grad norm relative
 
 
 @pytest.mark.slow

@@ -24,7 +24,9 @@ STEPS = ["--train.steps=3"]
 def launched_losses(cmd: list[str], run_dir: Path) -> list[tuple[float, float]]:
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     proc = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
-    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    if proc.returncode != 0:  # our one-line errors first, then the end of the output
+        ours = [line for line in (proc.stdout + proc.stderr).splitlines() if "tplus:" in line or "Error" in line]
+        raise AssertionError("\n".join(ours[:20]) + "\n...\n" + proc.stderr[-3000:])
     rows = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
     return [(r["loss"], r["grad_norm"]) for r in rows if "loss" in r]
 
@@ -37,7 +39,7 @@ def single_losses(tmp_path: Path) -> list[tuple[float, float]]:
 def assert_close(a: list[tuple[float, float]], b: list[tuple[float, float]]) -> None:
     assert len(a) == len(b) == 3
     for (la, ga), (lb, gb) in zip(a, b, strict=True):
-        assert abs(la - lb) < 1e-5 and abs(ga - gb) < 1e-5, (a, b)
+        assert abs(la - lb) < 1e-5 and abs(ga - gb) < 1e-5 * ga, (a, b)
 
 
 @pytest.mark.slow
