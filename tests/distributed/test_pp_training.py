@@ -69,8 +69,9 @@ def test_interleaved_pipeline_equals_one_process(tmp_path: Path, zero: int) -> N
 
 @pytest.mark.slow
 def test_interleaved_pipeline_and_data_parallel_with_evaluation_equal_one_process(tmp_path: Path) -> None:
-    # PP 2 x DP 2, 2 chunks per rank, untied; validation through the pipeline's forward-only schedule at step 5
-    model = ["--model.tie_embeddings=false", "--train.eval_interval=5", "--train.eval_batches=2"]
+    # PP 2 x DP 2, 2 chunks per rank, untied; validation through the pipeline's forward-only schedule at steps 2, 4
+    # and 5, between training steps (a schedule that shared stages with evaluation got step 3's gradient wrong)
+    model = ["--model.tie_embeddings=false", "--train.eval_interval=2", "--train.eval_batches=2"]
     compare(
         single(tmp_path, "--train.micro_batch_size=2", "--train.grad_accum=4", *model),
         distributed(
@@ -78,3 +79,17 @@ def test_interleaved_pipeline_and_data_parallel_with_evaluation_equal_one_proces
             "--parallel.virtual_pipeline_stages=2", *model,
         ),
     )  # fmt: skip
+
+
+@pytest.mark.slow
+def test_interleaved_pipeline_with_a_growing_batch_equals_one_process(tmp_path: Path) -> None:
+    # the micro-batch count grows 2 -> 4 during the run: each count gets its own schedule and stages
+    ramp = ["--schedule.unit=tokens", "--schedule.warmup_tokens=256", "--train.batch_ramp_tokens=512"]
+    batch = ["--train.micro_batch_size=2", "--train.grad_accum=4", "--train.batch_size_start=4"]
+    batch += ["--train.batch_size_increment=4"]
+    compare(
+        single(tmp_path, *ramp, *batch),
+        distributed(
+            tmp_path, 2, *ramp, *batch, "--parallel.pipeline_parallel=2", "--parallel.virtual_pipeline_stages=2"
+        ),
+    )

@@ -104,27 +104,33 @@ class InterleavedStepRunner:
 
         self.engine, self.chunks, self.groups, self.device = engine, chunks, groups, device
         self.loss = DecoderLoss(chunks.cfg, chunks.provider)
-        self.stages: list[Any] = [
-            PipelineStage(chunk, stage_index=s, num_stages=chunks.num_stages, device=device, group=groups.pp)
-            for s, chunk in zip(chunks.stage_ids, chunks.chunks, strict=True)
-        ]
+        self._stage_class = PipelineStage
         self.has_first = 0 in chunks.stage_ids
         self.has_last = chunks.num_stages - 1 in chunks.stage_ids
         self.tied_group = tied_embedding_groups(groups) if chunks.cfg.tie_embeddings else None
-        self._schedules: dict[int, Any] = {}
+        self._schedules: dict[tuple[int, bool], Any] = {}
         if engine.zero_optimization_stage() == 0 and not engine.bfloat16_enabled():
             clip_pipeline_fp32_grads(engine, groups)
 
-    def _schedule(self, n: int) -> Any:
+    def _schedule(self, n: int, train: bool) -> Any:
+        """A schedule with its own PipelineStage objects for each (micro-batch count, train or eval): a stage
+        prepares its buffers for the first schedule that runs it and keeps them, so sharing stages between a
+        training schedule and an evaluation one (or a growing batch's counts) computes wrong gradients."""
         from torch.distributed.pipelining import ScheduleInterleaved1F1B
 
-        if n not in self._schedules:
-            self._schedules[n] = ScheduleInterleaved1F1B(self.stages, n_microbatches=n, loss_fn=self.loss)
-        return self._schedules[n]
+        key = (n, train)
+        if key not in self._schedules:
+            c, dev, group = self.chunks, self.device, self.groups.pp
+            stages: list[Any] = [
+                self._stage_class(chunk, stage_index=s, num_stages=c.num_stages, device=dev, group=group)
+                for s, chunk in zip(c.stage_ids, c.chunks, strict=True)
+            ]
+            self._schedules[key] = ScheduleInterleaved1F1B(stages, n_microbatches=n, loss_fn=self.loss)
+        return self._schedules[key]
 
     def _run(self, micro_batches: Sequence[tuple[torch.Tensor, torch.Tensor]], train: bool) -> float:
         """Run the schedule over the micro-batches; the mean loss, the same on every rank of the replica."""
-        sched = self._schedule(len(micro_batches))
+        sched = self._schedule(len(micro_batches), train)
         tokens = torch.cat([x for x, _ in micro_batches]).to(self.device)
         targets = torch.cat([y for _, y in micro_batches]).to(self.device)
         losses: list[torch.Tensor] = []
