@@ -5,13 +5,16 @@ from __future__ import annotations
 import os
 import sys
 
+from tplus_dist.checkpoint.store import CheckpointError
 from tplus_dist.config import ConfigError, load_config
 from tplus_dist.parallel.dims import LaunchEnvError
 
 USAGE = """tplus COMMAND [args]
 
 commands:
-  train CONFIG [--section.key=value ...]   train (a run directory under runs/ gets config, metrics, tensorboard)
+  train CONFIG [--section.key=value ...] [--resume PATH]
+                                           train (a run directory under runs/ gets config, metrics, tensorboard,
+                                           checkpoints); resumes from the run's latest checkpoint, or from PATH
   config CONFIG [--section.key=value ...]  print the resolved, validated config
   bench [--model PRESET] [...]             forward+backward tokens/s beside a nanoGPT-style reference
   prepare --input PATH... --tokenizer SPEC --seq-len N --out DIR [...]
@@ -33,8 +36,24 @@ def _split(argv: list[str]) -> tuple[str | None, list[str]]:
     return config, overrides
 
 
+def _resume_flag(argv: list[str]) -> list[str]:
+    """``--resume PATH`` / ``--resume=PATH`` -> ``--checkpoint.resume=PATH``."""
+    out, i = [], 0
+    while i < len(argv):
+        a = argv[i]
+        if a == "--resume":
+            if i + 1 >= len(argv):
+                raise ConfigError("checkpoint.resume", "--resume needs a path")
+            out.append(f"--checkpoint.resume={argv[i + 1]}")
+            i += 2
+            continue
+        out.append("--checkpoint.resume=" + a.split("=", 1)[1] if a.startswith("--resume=") else a)
+        i += 1
+    return out
+
+
 def cmd_train(argv: list[str]) -> int:
-    config, overrides = _split(argv)
+    config, overrides = _split(_resume_flag(argv))
     cfg = load_config(config, overrides)
     from tplus_dist.train.run import train
 
@@ -101,6 +120,9 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     except LaunchEnvError as e:
         print(f"tplus: launch error: {e}", file=sys.stderr)
+        return 2
+    except CheckpointError as e:
+        print(f"tplus: checkpoint error: {e}", file=sys.stderr)
         return 2
     except (FileNotFoundError, ValueError) as e:
         print(f"tplus: error: {e}", file=sys.stderr)

@@ -4,6 +4,7 @@ from tplus_dist.config.base import ConfigError, from_dict, to_dict
 from tplus_dist.config.model import ModelConfig
 from tplus_dist.config.run import RunConfig, load_config, parse_overrides
 from tplus_dist.config.sections import (
+    CheckpointConfig,
     DataConfig,
     LogConfig,
     OptimConfig,
@@ -14,6 +15,7 @@ from tplus_dist.config.sections import (
 )
 
 __all__ = [
+    "CheckpointConfig",
     "ConfigError",
     "DataConfig",
     "LogConfig",

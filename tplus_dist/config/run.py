@@ -12,6 +12,7 @@ import yaml
 from tplus_dist.config.base import ConfigError, check, from_dict, to_dict
 from tplus_dist.config.model import ModelConfig
 from tplus_dist.config.sections import (
+    CheckpointConfig,
     DataConfig,
     LogConfig,
     OptimConfig,
@@ -49,6 +50,7 @@ class RunConfig:
     train: TrainConfig = field(default_factory=TrainConfig)
     precision: PrecisionConfig = field(default_factory=PrecisionConfig)
     parallel: ParallelConfig = field(default_factory=ParallelConfig)
+    checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
     log: LogConfig = field(default_factory=LogConfig)
 
     @property
@@ -56,7 +58,7 @@ class RunConfig:
         return self.train.seq_len or self.model.seq_len
 
     def validate(self) -> RunConfig:
-        for name in ("model", "data", "optim", "schedule", "train", "precision", "parallel", "log"):
+        for name in ("model", "data", "optim", "schedule", "train", "precision", "parallel", "checkpoint", "log"):
             getattr(self, name).validate(name)
         # The layout against the model; the world size is only known at launch (ParallelDims.validate).
         self.parallel.check_fits(self.model)

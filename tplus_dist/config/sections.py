@@ -312,6 +312,49 @@ class ParallelConfig:
 
 
 @dataclass
+class CheckpointConfig:
+    """Saving the whole training state, and resuming from it."""
+
+    dir: str = "{run_dir}/checkpoints"
+    """Where checkpoints go; {run_dir} is the run directory. Must be on a filesystem every rank sees."""
+    interval_steps: int = 0
+    """Save every this many steps (0: not by step count)."""
+    interval_minutes: float | None = None
+    """Also save when this many minutes have passed since the last save (null: not by time)."""
+    on_signal: bool = True
+    """On SIGTERM or SIGUSR1 (what SLURM sends before a preemption or the time limit), save at the end of the
+    current step and stop."""
+    at_end: bool = True
+    """Save after the last step."""
+    keep_last: int = 2
+    """Keep the newest this many checkpoints; older ones are deleted once a newer one is published."""
+    keep_every: int = 0
+    """Also keep, permanently, every checkpoint whose step is a multiple of this (0: none)."""
+    resume: str = "auto"
+    """auto: continue from the run directory's latest checkpoint when there is one; none: always start fresh;
+    or the path of a checkpoint (or of a checkpoints directory, whose latest is used)."""
+    verify: bool = True
+    """Check every file's size and checksum against the manifest before loading."""
+
+    def validate(self, prefix: str = "checkpoint") -> None:
+        p = prefix + "."
+        check(self.interval_steps >= 0, p + "interval_steps", f"must be 0 or more, got {self.interval_steps}")
+        check(
+            self.interval_minutes is None or self.interval_minutes > 0,
+            p + "interval_minutes",
+            f"must be positive (or null), got {self.interval_minutes}",
+        )
+        check(
+            self.keep_last >= 1,
+            p + "keep_last",
+            f"must be at least 1 (the latest is always kept), got {self.keep_last}",
+        )
+        check(self.keep_every >= 0, p + "keep_every", f"must be 0 or more, got {self.keep_every}")
+        check(bool(self.resume), p + "resume", "must be auto, none, or a path")
+        check(bool(self.dir), p + "dir", "must not be empty")
+
+
+@dataclass
 class LogConfig:
     """Where a run writes."""
 

@@ -49,14 +49,16 @@ def mfu(tokens_per_s: float, flops_per_token: float, peak_flops: float | None, n
 class MetricsWriter:
     """One JSON line per step in metrics.jsonl, and the same scalars in tensorboard."""
 
-    def __init__(self, run_dir: Path, tensorboard: bool = True) -> None:
+    def __init__(self, run_dir: Path, tensorboard: bool = True, purge_after: int | None = None) -> None:
+        """``purge_after``: a resumed run's step; tensorboard drops the events logged after it (they are recomputed)."""
         self.path = run_dir / "metrics.jsonl"
         self._file = self.path.open("a", buffering=1)
         self._tb: Any = None
         if tensorboard:
             from torch.utils.tensorboard import SummaryWriter
 
-            self._tb = SummaryWriter(str(run_dir / "tensorboard"))
+            purge = None if purge_after is None else purge_after + 1
+            self._tb = SummaryWriter(str(run_dir / "tensorboard"), purge_step=purge)
 
     def write(self, step: int, values: dict[str, Any]) -> None:
         row = {"step": step, **{k: v for k, v in values.items() if v is not None}}

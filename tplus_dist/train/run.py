@@ -208,8 +208,42 @@ def build_decoder(cfg: RunConfig, layout: Layout, device: torch.device) -> torch
     return build_pipeline(cfg.model, provider, groups, init_seed=draw_init_seed()).to(device)
 
 
-def build_trainer(cfg: RunConfig, run_dir: Path | None = None) -> tuple[Trainer, Path]:
-    """Everything a run needs, checked before anything is written; returns the trainer and its directory."""
+def checkpoint_root(cfg: RunConfig, run_dir: Path) -> Path:
+    return Path(cfg.checkpoint.dir.format(run_dir=run_dir))
+
+
+def resolve_run_dir(cfg: RunConfig) -> tuple[Path, Path | None]:
+    """The run directory and the checkpoint to resume from. checkpoint.resume auto: the configured run directory
+    when its checkpoints hold a latest (the run continues there), else a fresh directory; a path: that checkpoint,
+    in a fresh directory."""
+    from tplus_dist.checkpoint import CheckpointError
+
+    resume = cfg.checkpoint.resume
+    base = Path(cfg.log.run_dir.format(name=cfg.log.name))
+    if resume == "auto":
+        root = checkpoint_root(cfg, base)
+        return (base, root) if (root / "latest").is_file() else (make_run_dir(cfg), None)
+    if resume == "none":
+        return make_run_dir(cfg), None
+    if not Path(resume).exists():
+        raise CheckpointError(f"checkpoint.resume: {resume} does not exist")
+    return make_run_dir(cfg), Path(resume)
+
+
+def truncate_metrics(path: Path, step: int) -> None:
+    """Drop metrics.jsonl rows after ``step``: a resumed run recomputes them (rewritten atomically)."""
+    if not path.is_file():
+        return
+    keep = [line for line in path.read_text().splitlines() if line.strip() and json.loads(line).get("step", 0) <= step]
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text("".join(line + "\n" for line in keep))
+    os.replace(tmp, path)
+
+
+def build_trainer(cfg: RunConfig, run_dir: Path | None = None, stop: Any = None) -> tuple[Trainer, Path]:
+    """Everything a run needs, checked before anything is written; returns the trainer and its directory.
+    A checkpoint to resume from (checkpoint.resume) is loaded before returning. ``stop`` is a StopRequest
+    (checkpoint/signals.py) for saving and stopping on a signal."""
     cfg.validate()
     device = resolve_device(cfg.train.device)
     torch.set_num_threads(int(os.environ.get("TPLUS_NUM_THREADS", torch.get_num_threads())))
@@ -227,18 +261,37 @@ def build_trainer(cfg: RunConfig, run_dir: Path | None = None) -> tuple[Trainer,
             ensure_prepared(cfg)
         dist.barrier()
     data = build_data(cfg, layout.dp, layout.dp_rank)  # every input is checked before anything is written
+    resume_from: Path | None = None
     if layout.rank == 0:
-        run_dir = run_dir or make_run_dir(cfg)
+        if run_dir is None:
+            run_dir, resume_from = resolve_run_dir(cfg)
+        elif cfg.checkpoint.resume not in ("auto", "none"):
+            resume_from = Path(cfg.checkpoint.resume)
+        elif cfg.checkpoint.resume == "auto" and (checkpoint_root(cfg, run_dir) / "latest").is_file():
+            resume_from = checkpoint_root(cfg, run_dir)
         run_dir.mkdir(parents=True, exist_ok=True)
-        (run_dir / "config.yaml").write_text(cfg.to_yaml())
-        (run_dir / "data_manifest.json").write_text(json.dumps({"shards": data.shards, **data.manifest}, indent=1))
     if layout.world > 1:
         import torch.distributed as dist
 
-        shared = [str(run_dir) if run_dir is not None else ""]
+        shared = [str(run_dir) if run_dir is not None else "", str(resume_from) if resume_from else ""]
         dist.broadcast_object_list(shared, src=0)
-        run_dir = Path(shared[0])
+        run_dir, resume_from = Path(shared[0]), Path(shared[1]) if shared[1] else None
     assert run_dir is not None
+    from tplus_dist.checkpoint import CheckpointManager
+
+    manager = CheckpointManager(cfg, checkpoint_root(cfg, run_dir))
+    ckpt = manager.find(resume_from) if resume_from is not None else None
+    if ckpt is not None:
+        manager.check_model(ckpt)  # a different model stops here, before anything is built or written
+    if layout.rank == 0:
+        name = "config.yaml" if ckpt is None else f"config.resumed_{ckpt.path.name}.yaml"
+        (run_dir / name).write_text(cfg.to_yaml())
+        manifest_file = run_dir / "data_manifest.json"
+        if not manifest_file.exists():
+            manifest_file.write_text(json.dumps({"shards": data.shards, **data.manifest}, indent=1))
+        if ckpt is not None:
+            truncate_metrics(run_dir / "metrics.jsonl", ckpt.step)
+        manager.clean_staging()
 
     model = build_decoder(cfg, layout, device)
     if cfg.train.compile:
@@ -260,8 +313,11 @@ def build_trainer(cfg: RunConfig, run_dir: Path | None = None) -> tuple[Trainer,
         optimizer, cfg.schedule, cfg.optim, cfg.train.steps, total_tokens=total_tokens(cfg, data.train.ramp)
     )
     hooks: list[Hook] = [EvalHook(cfg.train.eval_interval)]  # every rank: ZeRO-3 forwards need all of them
+    from tplus_dist.checkpoint.hook import CheckpointHook
+
+    hooks.append(CheckpointHook(manager, stop, verbose=layout.rank == 0))
     if layout.rank == 0:
-        writer = MetricsWriter(run_dir, tensorboard=cfg.log.tensorboard)
+        writer = MetricsWriter(run_dir, tensorboard=cfg.log.tensorboard, purge_after=ckpt.step if ckpt else None)
         hooks += [MetricsFileHook(writer), ConsoleHook(cfg.train.log_interval, progress=cfg.log.progress)]
     trainer = Trainer(
         cfg,
@@ -295,12 +351,28 @@ def build_trainer(cfg: RunConfig, run_dir: Path | None = None) -> tuple[Trainer,
         else:
             trainer.runner = EngineStepRunner(EngineStep(engine, loss_fn, layout.groups.dp))
     trainer.layout = layout
+    if ckpt is not None:
+        manager.load(trainer, ckpt)
+        if layout.rank == 0:
+            print(f"tplus: resumed from {ckpt.path} (step {ckpt.step}, {trainer.state.tokens:,} tokens)", flush=True)
     return trainer, run_dir
 
 
 def train(cfg: RunConfig, run_dir: Path | None = None) -> tuple[Path, list[dict[str, Any]]]:
-    """Train as configured; returns the run directory and the per-step metrics."""
-    trainer, run_dir = build_trainer(cfg, run_dir)
+    """Train as configured (resuming per checkpoint.resume); returns the run directory and this run's per-step
+    metrics. SIGTERM / SIGUSR1 save a checkpoint after the current step and end the run (checkpoint.on_signal)."""
+    from tplus_dist.checkpoint.signals import StopRequest
+
+    stop = StopRequest().install() if cfg.checkpoint.on_signal else None
+    try:
+        return _train(cfg, run_dir, stop)
+    finally:
+        if stop is not None:
+            stop.uninstall()
+
+
+def _train(cfg: RunConfig, run_dir: Path | None, stop: Any) -> tuple[Path, list[dict[str, Any]]]:
+    trainer, run_dir = build_trainer(cfg, run_dir, stop)
     distributed = int(os.environ.get("WORLD_SIZE", "1")) > 1
     if not distributed or int(os.environ.get("RANK", "0")) == 0:
         n = model_num_params(cfg.model)  # the whole model's, however it is split

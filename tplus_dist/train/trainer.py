@@ -135,6 +135,8 @@ class Trainer:
         self.peak_flops = peak_flops
         self.n_devices = n_devices
         self.runner: StepRunner = runner or LocalStepRunner(self)
+        self.stop_requested = False
+        """Set by a hook (a preemption signal) to end fit() after the current step."""
         self.layout: Any = None
         """Where this process stands in a distributed run (train.run.Layout), set by build_trainer."""
         core = getattr(model, "module", model)  # under an engine: its module
@@ -242,7 +244,7 @@ class Trainer:
         for h in self.hooks:
             h.on_fit_start(self)
         try:
-            while self.state.step < stop:
+            while self.state.step < stop and not self.stop_requested:
                 metrics = self.train_step()
                 metrics["step"] = self.state.step
                 for h in self.hooks:

@@ -1,0 +1,171 @@
+"""Checkpoints in one process: a run stopped by SIGTERM and resumed equals the uninterrupted run bit for bit;
+publishing is atomic (a failed save leaves the previous checkpoint latest and loadable); retention; bad
+checkpoints are refused with a message naming what is wrong."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+from pathlib import Path
+from typing import Any
+
+import pytest
+import torch
+
+from tplus_dist.checkpoint import CheckpointError
+from tplus_dist.checkpoint.signals import StopRequest
+from tplus_dist.config import ConfigError, load_config
+from tplus_dist.train.hooks import Hook
+from tplus_dist.train.run import build_trainer, train
+
+CACHE = Path(__file__).resolve().parents[2] / ".cache" / "tplus-tests"
+BASE = [
+    "--model.seq_len=64",
+    "--model.n_layers=2",
+    "--train.steps=6",
+    "--train.micro_batch_size=4",
+    "--train.grad_accum=2",
+    "--train.eval_interval=3",
+    "--train.eval_batches=1",
+    "--log.progress=false",
+    "--log.tensorboard=false",
+    "--schedule.warmup_steps=2",
+    "--model.resid_dropout=0.1",  # the RNG state must survive the restart too
+    f"--data.cache_dir={CACHE}",
+]
+KEYS = ("loss", "grad_norm", "lr", "first_sample", "last_sample", "tokens")
+
+
+class SignalAt(Hook):
+    """Sends this process a real SIGTERM at the end of step ``step`` (as SLURM would, between steps)."""
+
+    def __init__(self, step: int, sig: int = signal.SIGTERM) -> None:
+        self.step, self.sig = step, sig
+
+    def on_step_end(self, trainer: Any, metrics: dict[str, Any]) -> None:
+        if trainer.state.step == self.step:
+            os.kill(os.getpid(), self.sig)
+
+
+def rows(history: list[dict[str, Any]]) -> list[list[Any]]:
+    return [[m["step"], *(m[k] for k in KEYS), m.get("val_loss")] for m in history]
+
+
+def interrupted(run_dir: Path, at: int, *extra: str, sig: int = signal.SIGTERM) -> list[dict[str, Any]]:
+    cfg = load_config("configs/tiny.yaml", [*BASE, f"--log.run_dir={run_dir}", *extra])
+    stop = StopRequest().install()
+    try:
+        trainer, _ = build_trainer(cfg, stop=stop)
+        trainer.hooks.insert(0, SignalAt(at, sig))
+        return trainer.fit()
+    finally:
+        stop.uninstall()
+
+
+def final_model(run_dir: Path) -> dict[str, torch.Tensor]:
+    latest = (run_dir / "checkpoints" / "latest").read_text().strip()
+    return torch.load(run_dir / "checkpoints" / latest / "model.pt", weights_only=True)
+
+
+@pytest.fixture(scope="module")
+def uninterrupted(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, list[list[Any]]]:
+    run_dir = tmp_path_factory.mktemp("whole") / "run"
+    _, history = train(load_config("configs/tiny.yaml", [*BASE, f"--log.run_dir={run_dir}"]))
+    return run_dir, rows(history)
+
+
+@pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGUSR1])
+def test_a_signal_saves_and_stops_and_the_resumed_run_is_the_same_run(tmp_path: Path, uninterrupted, sig: int):
+    whole_dir, whole = uninterrupted
+    run_dir = tmp_path / "run"
+    first = interrupted(run_dir, 3, sig=sig)
+    assert [m["step"] for m in first] == [1, 2, 3]  # stopped after the signal's step
+    assert (run_dir / "checkpoints" / "latest").read_text().strip() == "step_00000003"
+    _, rest = train(load_config("configs/tiny.yaml", [*BASE, f"--log.run_dir={run_dir}"]))  # resume: auto
+    assert rows(first) + rows(rest) == whole  # bit for bit: losses, norms, lr, samples, validation
+    got, want = final_model(run_dir), final_model(whole_dir)
+    assert got.keys() == want.keys() and all(torch.equal(got[k], want[k]) for k in want)
+    steps = [json.loads(line)["step"] for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    assert steps == [1, 2, 3, 4, 5, 6]
+    assert not (tmp_path / "run-1").exists()  # resumed in place
+
+
+def test_resume_from_an_explicit_checkpoint_goes_to_a_new_run_directory(tmp_path: Path, uninterrupted):
+    _, whole = uninterrupted
+    run_dir = tmp_path / "run"
+    interrupted(run_dir, 2, "--checkpoint.interval_steps=1")
+    ckpt = run_dir / "checkpoints" / "step_00000002"
+    resume = [*BASE, f"--log.run_dir={run_dir}", f"--checkpoint.resume={ckpt}"]
+    _, rest = train(load_config("configs/tiny.yaml", resume))
+    assert rows(rest) == whole[2:]
+    assert (tmp_path / "run-1" / "checkpoints" / "step_00000006").is_dir()
+
+
+def test_retention_keeps_the_last_k_and_every_mth(tmp_path: Path):
+    run_dir = tmp_path / "run"
+    extra = ["--checkpoint.interval_steps=1", "--checkpoint.keep_last=2", "--checkpoint.keep_every=2"]
+    train(load_config("configs/tiny.yaml", [*BASE, f"--log.run_dir={run_dir}", *extra]))
+    kept = sorted(p.name for p in (run_dir / "checkpoints").iterdir())
+    assert kept == ["latest", "step_00000002", "step_00000004", "step_00000005", "step_00000006"]
+
+
+def test_a_failed_save_leaves_the_previous_checkpoint_latest_and_loadable(tmp_path: Path, monkeypatch, uninterrupted):
+    _, whole = uninterrupted
+    run_dir = tmp_path / "run"
+    interrupted(run_dir, 2)
+    real_save = torch.save
+    calls = {"n": 0}
+
+    def disk_full(obj: Any, f: Any, *args: Any, **kwargs: Any) -> None:
+        calls["n"] += 1
+        if calls["n"] == 2:  # the second file of the next checkpoint
+            raise OSError(28, "No space left on device")
+        real_save(obj, f, *args, **kwargs)
+
+    monkeypatch.setattr(torch, "save", disk_full)
+    with pytest.raises(CheckpointError, match="No space left on device"):
+        interrupted(run_dir, 4)
+    monkeypatch.setattr(torch, "save", real_save)
+    assert (run_dir / "checkpoints" / "latest").read_text().strip() == "step_00000002"
+    assert [p.name for p in (run_dir / "checkpoints").glob(".partial-*")]  # the failed save's staging
+    _, rest = train(load_config("configs/tiny.yaml", [*BASE, f"--log.run_dir={run_dir}"]))
+    assert rows(rest) == whole[2:]  # resumed from step 2, the last complete checkpoint
+    assert not list((run_dir / "checkpoints").glob(".partial-*"))  # cleaned at start
+
+
+@pytest.mark.parametrize(
+    "damage, words",
+    [
+        ("truncate", "truncated or replaced"),
+        ("corrupt", "fails its checksum"),
+        ("remove", "is missing"),
+        ("manifest", "manifest.json is missing"),
+    ],
+)
+def test_a_damaged_checkpoint_is_refused_naming_the_file(tmp_path: Path, damage: str, words: str):
+    run_dir = tmp_path / "run"
+    interrupted(run_dir, 2)
+    ckpt = run_dir / "checkpoints" / "step_00000002"
+    target = ckpt / "optimizer.pt"
+    if damage == "truncate":
+        target.write_bytes(target.read_bytes()[:-10])
+    elif damage == "corrupt":
+        data = bytearray(target.read_bytes())
+        data[len(data) // 2] ^= 0xFF
+        target.write_bytes(bytes(data))
+    elif damage == "remove":
+        target.unlink()
+    else:
+        (ckpt / "manifest.json").unlink()
+    with pytest.raises(CheckpointError, match=words):
+        train(load_config("configs/tiny.yaml", [*BASE, f"--log.run_dir={run_dir}", f"--checkpoint.resume={ckpt}"]))
+
+
+def test_a_checkpoint_of_another_model_is_refused_naming_the_fields(tmp_path: Path):
+    run_dir = tmp_path / "run"
+    interrupted(run_dir, 2)
+    with pytest.raises(ConfigError) as info:
+        train(load_config("configs/tiny.yaml", [*BASE, f"--log.run_dir={run_dir}", "--model.d_model=64"]))
+    assert "model.d_model: checkpoint 128, config 64" in info.value.reason
+    assert not (tmp_path / "run-1").exists()

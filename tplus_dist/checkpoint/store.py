@@ -1,0 +1,178 @@
+"""Checkpoint directories: staged, verified, published atomically, pruned.
+
+    CHECKPOINTS/
+      latest                  "step_00000100": written (write + rename) only after that checkpoint is complete
+      step_00000100/
+        manifest.json         written last: step, tokens, layout, config, versions, every file's size and checksum
+        trainer/rank00000.pt  ... (each rank writes its own files, in parallel)
+      .partial-step_00000200-<nonce>/   a save in progress (or one a crash interrupted: never read, removed later)
+
+A checkpoint becomes visible by one rename of its staging directory, after every rank's files are written and
+checksummed; `latest` is replaced (rename) after that. A kill -9 or a full disk mid-save leaves a partial
+directory that nothing reads, and `latest` still names the previous, complete checkpoint.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import uuid
+from collections.abc import Iterable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import xxhash
+
+MANIFEST = "manifest.json"
+LATEST = "latest"
+PARTIAL_PREFIX = ".partial-"
+FORMAT_VERSION = 1
+_CHUNK = 1 << 22
+
+
+class CheckpointError(RuntimeError):
+    """A checkpoint that cannot be used: the message names the file or field and what is wrong."""
+
+
+def step_name(step: int) -> str:
+    return f"step_{step:08d}"
+
+
+def checksum(path: Path) -> str:
+    """xxh3-128 of the file (several GB/s, so verifying a checkpoint costs little next to reading it)."""
+    h = xxhash.xxh3_128()
+    with path.open("rb") as f:
+        while chunk := f.read(_CHUNK):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def _fsync_dir(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def write_atomic(path: Path, text: str) -> None:
+    """Write ``text`` to ``path`` through a temporary file and a rename: readers see the old or the new file."""
+    tmp = path.with_name(f".{path.name}.{uuid.uuid4().hex[:8]}.tmp")
+    with tmp.open("w") as f:
+        f.write(text)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+    _fsync_dir(path.parent)
+
+
+def new_staging_dir(root: Path, step: int) -> Path:
+    root.mkdir(parents=True, exist_ok=True)
+    path = root / f"{PARTIAL_PREFIX}{step_name(step)}-{uuid.uuid4().hex[:8]}"
+    path.mkdir()
+    return path
+
+
+def list_files(directory: Path) -> list[str]:
+    """Every regular file under ``directory`` (relative paths, sorted), the manifest excluded."""
+    return sorted(str(p.relative_to(directory)) for p in directory.rglob("*") if p.is_file() and p.name != MANIFEST)
+
+
+def file_entries(directory: Path, names: Iterable[str]) -> dict[str, dict[str, Any]]:
+    return {n: {"bytes": (directory / n).stat().st_size, "xxh3_128": checksum(directory / n)} for n in names}
+
+
+def publish(staging: Path, manifest: dict[str, Any]) -> Path:
+    """Write the manifest into ``staging``, rename it to its final name, point ``latest`` at it. Returns the path.
+
+    An existing checkpoint of the same step is never replaced: CheckpointError."""
+    final = staging.parent / step_name(int(manifest["step"]))
+    if final.exists():
+        raise CheckpointError(f"{final} already exists; a published checkpoint is never overwritten")
+    write_atomic(staging / MANIFEST, json.dumps(manifest, indent=1, sort_keys=True))
+    _fsync_dir(staging)
+    os.rename(staging, final)
+    _fsync_dir(final.parent)
+    write_atomic(final.parent / LATEST, final.name + "\n")
+    return final
+
+
+@dataclass(frozen=True)
+class Checkpoint:
+    path: Path
+    manifest: dict[str, Any]
+
+    @property
+    def step(self) -> int:
+        return int(self.manifest["step"])
+
+
+def read_manifest(path: Path) -> dict[str, Any]:
+    file = path / MANIFEST
+    if not file.is_file():
+        raise CheckpointError(f"{path} is not a complete checkpoint: {MANIFEST} is missing")
+    try:
+        manifest = json.loads(file.read_text())
+    except (OSError, json.JSONDecodeError) as e:
+        raise CheckpointError(f"{file} is unreadable: {e}") from None
+    if not isinstance(manifest, dict) or manifest.get("format") != FORMAT_VERSION:
+        got = manifest.get("format") if isinstance(manifest, dict) else None
+        raise CheckpointError(f"{file}: checkpoint format {got!r}, this version reads format {FORMAT_VERSION}")
+    return manifest
+
+
+def find_checkpoint(path: Path) -> Checkpoint:
+    """``path`` is a checkpoint directory, or a checkpoints directory whose ``latest`` names one."""
+    if (path / MANIFEST).exists() or path.name.startswith("step_"):
+        return Checkpoint(path, read_manifest(path))
+    latest = path / LATEST
+    if not latest.is_file():
+        raise CheckpointError(f"{path} holds no checkpoint: neither {MANIFEST} nor {LATEST} is there")
+    name = latest.read_text().strip()
+    target = path / name
+    if not target.is_dir():
+        raise CheckpointError(f"{latest} names {name}, which is not in {path}")
+    return Checkpoint(target, read_manifest(target))
+
+
+def verify_files(ckpt: Checkpoint, names: Iterable[str] | None = None) -> None:
+    """Check that the manifest's files (or ``names`` of them) exist with their size and checksum."""
+    files: dict[str, dict[str, Any]] = ckpt.manifest["files"]
+    for name in files if names is None else names:
+        want = files[name]
+        path = ckpt.path / name
+        if not path.is_file():
+            raise CheckpointError(f"{path} is missing (listed in {MANIFEST})")
+        size = path.stat().st_size
+        if size != want["bytes"]:
+            raise CheckpointError(f"{path} is {size} bytes, the manifest says {want['bytes']}: truncated or replaced")
+        got = checksum(path)
+        if got != want["xxh3_128"]:
+            raise CheckpointError(f"{path} fails its checksum ({got}, manifest {want['xxh3_128']}): corrupted")
+
+
+def prune(root: Path, keep_last: int, keep_every: int, protect: Iterable[Path] = ()) -> list[Path]:
+    """Delete published checkpoints beyond the newest ``keep_last``, except steps that are multiples of
+    ``keep_every`` and ``protect``ed paths, and staging directories older than the newest checkpoint. Returns
+    what was deleted."""
+    published = sorted(p for p in root.glob("step_*") if p.is_dir() and (p / MANIFEST).is_file())
+    keep = set(published[-keep_last:]) if keep_last > 0 else set()
+    keep |= {p.resolve() for p in protect}
+    removed = []
+    for p in published:
+        step = int(p.name.removeprefix("step_"))
+        if p in keep or p.resolve() in keep or (keep_every > 0 and step % keep_every == 0):
+            continue
+        shutil.rmtree(p)
+        removed.append(p)
+    return removed
+
+
+def remove_stale_staging(root: Path) -> list[Path]:
+    """Staging directories left by interrupted saves (call when no save is running)."""
+    stale = [p for p in root.glob(f"{PARTIAL_PREFIX}*") if p.is_dir()]
+    for p in stale:
+        shutil.rmtree(p, ignore_errors=True)
+    return stale
