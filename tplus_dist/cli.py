@@ -58,9 +58,16 @@ def cmd_train(argv: list[str]) -> int:
     from tplus_dist.train.run import train
 
     run_dir, history = train(cfg)
-    last = history[-1] if history else {}
-    if os.environ.get("RANK", "0") == "0":  # under torchrun, rank 0 speaks for the job
-        print(f"tplus: done, {len(history)} steps, final loss {last.get('loss', float('nan')):.4f}; run in {run_dir}")
+    if os.environ.get("RANK", "0") != "0":  # under torchrun, rank 0 speaks for the job
+        return 0
+    if not history:
+        print(
+            f"tplus: nothing to do: the run in {run_dir} already reached train.steps={cfg.train.steps} (its latest "
+            "checkpoint); raise train.steps to continue it, or start another run with --checkpoint.resume=none"
+        )
+        return 0
+    last = history[-1]
+    print(f"tplus: done, {len(history)} steps, final loss {last.get('loss', float('nan')):.4f}; run in {run_dir}")
     return 0
 
 

@@ -44,16 +44,6 @@ def run(tmp_path: Path, world: int, run_dir: Path, extra: list[str], stop_at: in
     return result
 
 
-def close(a: list[Any], b: list[Any]) -> None:
-    """Steps, samples and lr exactly; losses, norms and validation loss equal up to a reduction's last bits (the
-    resumed run rebuilds the engine, whose collective buffers may sum in another order)."""
-    assert len(a) == len(b)
-    for x, y in zip(a, b, strict=True):
-        assert x[0] == y[0] and x[3:7] == y[3:7], (x, y)
-        assert abs(x[1] - y[1]) < 1e-6 and abs(x[2] - y[2]) < 1e-6 * x[2], (x, y)
-        assert (x[7] is None) == (y[7] is None) and (x[7] is None or abs(x[7] - y[7]) < 1e-6), (x, y)
-
-
 LAYOUTS = {
     "dp2-zero1": (2, ["--train.grad_accum=1", "--parallel.zero_stage=1"]),
     "dp2-zero3": (2, ["--train.grad_accum=1", "--parallel.zero_stage=3"]),
@@ -78,4 +68,4 @@ def test_a_distributed_run_stopped_by_sigterm_resumes_as_the_same_run(tmp_path: 
     ranks = sorted(p.name for p in (run_dir / "checkpoints" / "step_00000003" / "trainer").iterdir())
     assert ranks == [f"rank{r:05d}.pt" for r in range(world)]
     rest = run(tmp_path, world, run_dir, extra)
-    close(first + rest, whole)
+    assert first + rest == whole  # bit for bit: losses, norms, lr, samples, validation

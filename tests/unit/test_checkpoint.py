@@ -169,3 +169,38 @@ def test_a_checkpoint_of_another_model_is_refused_naming_the_fields(tmp_path: Pa
         train(load_config("configs/tiny.yaml", [*BASE, f"--log.run_dir={run_dir}", "--model.d_model=64"]))
     assert "model.d_model: checkpoint 128, config 64" in info.value.reason
     assert not (tmp_path / "run-1").exists()
+
+
+KILL_DURING_SAVE = """
+import os, signal, sys
+from tplus_dist.checkpoint.manager import CheckpointManager
+from tplus_dist.config import load_config
+from tplus_dist.train.run import train
+
+real_write = CheckpointManager._write
+
+def write_then_die(self, trainer, staging, rank):
+    real_write(self, trainer, staging, rank)
+    if trainer.state.step == 4:  # the second save: its files are written, the manifest is not
+        os.kill(os.getpid(), signal.SIGKILL)
+
+CheckpointManager._write = write_then_die
+train(load_config("configs/tiny.yaml", sys.argv[1:]))
+"""
+
+
+def test_kill_9_during_a_save_leaves_the_previous_checkpoint_latest(tmp_path: Path, uninterrupted):
+    import subprocess
+    import sys
+
+    _, whole = uninterrupted
+    run_dir = tmp_path / "run"
+    args = [*BASE, f"--log.run_dir={run_dir}", "--checkpoint.interval_steps=2"]
+    root = Path(__file__).resolve().parents[2]
+    proc = subprocess.run([sys.executable, "-c", KILL_DURING_SAVE, *args], cwd=root, capture_output=True, timeout=300)
+    assert proc.returncode == -signal.SIGKILL, proc.stderr.decode()[-2000:]
+    ckpts = run_dir / "checkpoints"
+    assert (ckpts / "latest").read_text().strip() == "step_00000002"
+    assert not (ckpts / "step_00000004").exists() and list(ckpts.glob(".partial-step_00000004-*"))
+    _, rest = train(load_config("configs/tiny.yaml", [*BASE, f"--log.run_dir={run_dir}"]))
+    assert rows(rest) == whole[2:]
