@@ -16,6 +16,12 @@ commands:
                                            train (a run directory under runs/ gets config, metrics, tensorboard,
                                            checkpoints); resumes from the run's latest checkpoint, or from PATH
   config CONFIG [--section.key=value ...]  print the resolved, validated config
+  verify-resume CONFIG [...] --steps N [--at K]
+                                           run N steps, and again stopped after step K, saved and resumed;
+                                           report whether the continuation matches and where it first differs
+  export CHECKPOINT --format hf|consolidated OUT [--family NAME]
+                                           a checkpoint (under torchrun when distributed) as a Hugging Face
+                                           folder (logits checked) or one safetensors file
   bench [--model PRESET] [...]             forward+backward tokens/s beside a nanoGPT-style reference
   prepare --input PATH... --tokenizer SPEC --seq-len N --out DIR [...]
                                            tokenize documents into packed MDS shards (tplus prepare --help)
@@ -89,7 +95,75 @@ def cmd_prepare(argv: list[str]) -> int:
     return prepare_main(argv)
 
 
-COMMANDS = {"train": cmd_train, "config": cmd_config, "bench": cmd_bench, "prepare": cmd_prepare}
+def cmd_verify_resume(argv: list[str]) -> int:
+    steps, at, work, rest, i = None, None, None, [], 0
+    while i < len(argv):
+        a = argv[i]
+        key, _, value = a.partition("=")
+        if key in ("--steps", "--at", "--work-dir"):
+            if not value:
+                if i + 1 >= len(argv):
+                    raise ValueError(f"{key} needs a value")
+                value, i = argv[i + 1], i + 1
+            if key == "--steps":
+                steps = int(value)
+            elif key == "--at":
+                at = int(value)
+            else:
+                work = value
+        else:
+            rest.append(a)
+        i += 1
+    if steps is None:
+        raise ValueError("verify-resume needs --steps N (the length of the run to compare)")
+    config, overrides = _split(rest)
+    cfg = load_config(config, overrides)
+    from pathlib import Path
+
+    from tplus_dist.checkpoint.verify import verify_resume
+
+    report = verify_resume(cfg, steps, at, Path(work) if work else None)
+    if os.environ.get("RANK", "0") == "0":
+        print(report.text())
+    return 0 if report.matches else 1
+
+
+def cmd_export(argv: list[str]) -> int:
+    fmt, family, positional, i = "hf", None, [], 0
+    while i < len(argv):
+        key, _, value = argv[i].partition("=")
+        if key in ("--format", "--family"):
+            if not value:
+                if i + 1 >= len(argv):
+                    raise ValueError(f"{key} needs a value")
+                value, i = argv[i + 1], i + 1
+            if key == "--format":
+                fmt = value
+            else:
+                family = value
+        else:
+            positional.append(argv[i])
+        i += 1
+    if len(positional) != 2:
+        raise ValueError("usage: tplus export CHECKPOINT --format hf|consolidated OUT")
+    from pathlib import Path
+
+    from tplus_dist.checkpoint.export import export_checkpoint
+
+    out = export_checkpoint(Path(positional[0]), fmt, Path(positional[1]), family)
+    if out is not None:
+        print(f"tplus: exported {positional[0]} as {fmt} to {out}")
+    return 0
+
+
+COMMANDS = {
+    "train": cmd_train,
+    "config": cmd_config,
+    "bench": cmd_bench,
+    "prepare": cmd_prepare,
+    "verify-resume": cmd_verify_resume,
+    "export": cmd_export,
+}
 
 
 def strip_launcher_args(argv: list[str]) -> list[str]:
@@ -117,7 +191,7 @@ def main(argv: list[str] | None = None) -> int:
     if cmd not in COMMANDS:
         print(f"tplus: unknown command {cmd!r}\n\n{USAGE}", file=sys.stderr)
         return 2
-    if cmd in ("train", "config") and rest and rest[0] in ("-h", "--help"):
+    if cmd in ("train", "config", "verify-resume") and rest and rest[0] in ("-h", "--help"):
         print(USAGE)
         return 0
     try:

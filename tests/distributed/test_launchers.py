@@ -11,6 +11,7 @@ import sys
 from pathlib import Path
 
 import pytest
+import torch
 
 from tests.distributed.test_tp_training import BASE
 from tplus_dist.config import load_config
@@ -65,3 +66,42 @@ def test_deepspeed_launcher_starts_tensor_parallel_and_leaves_no_shared_memory(t
     ]  # fmt: skip
     assert_close(single_losses(tmp_path), launched_losses(cmd, run_dir))
     assert not list(Path("/dev/shm").glob(f"deepspeed_allreduce_buffer_*_{port}_*"))
+
+
+@pytest.mark.slow
+def test_verify_resume_under_torchrun_checks_a_tensor_parallel_layout(tmp_path: Path) -> None:
+    cmd = [
+        sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", str(free_port()),
+        "-m", "tplus_dist", "verify-resume", "configs/tiny.yaml", *BASE, "--parallel.tensor_parallel=2",
+        "--model.resid_dropout=0.1", "--steps", "4", "--at", "2", "--work-dir", str(tmp_path / "verify"),
+    ]  # fmt: skip
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    proc = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    assert "the continuation matches bit for bit (4 steps" in proc.stdout
+
+
+@pytest.mark.slow
+def test_a_tensor_parallel_checkpoint_exports_under_torchrun(tmp_path: Path) -> None:
+    from safetensors.torch import load_file
+
+    from tplus_dist import hf
+
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    run_dir = tmp_path / "tp"
+    launch = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2"]
+    train_cmd = [
+        *launch, "--master_port", str(free_port()), "-m", "tplus_dist.train", "configs/tiny.yaml", *BASE, *STEPS,
+        "--parallel.tensor_parallel=2", "--model.tie_embeddings=false", f"--log.run_dir={run_dir}",
+    ]  # fmt: skip
+    launched_losses(train_cmd, run_dir)
+    for fmt in ("consolidated", "hf"):
+        cmd = [*launch, "--master_port", str(free_port()), "-m", "tplus_dist", "export", str(run_dir / "checkpoints"),
+               "--format", fmt, str(tmp_path / fmt)]  # fmt: skip
+        proc = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
+        assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    flat = load_file(str(tmp_path / "consolidated" / "model.safetensors"))
+    assert flat["head.weight"].shape[0] == 257 + (-257 % 64)  # whole padded vocabulary: both TP slices
+    cfg, model = hf.load(tmp_path / "hf")  # the HF export checked its logits against the gathered model
+    v = cfg.vocab_size  # (the vocabulary's padding rows come back as zeros)
+    assert all(torch.equal(p[:v], flat[n][:v]) for n, p in model.state_dict().items())

@@ -204,3 +204,67 @@ def test_kill_9_during_a_save_leaves_the_previous_checkpoint_latest(tmp_path: Pa
     assert not (ckpts / "step_00000004").exists() and list(ckpts.glob(".partial-step_00000004-*"))
     _, rest = train(load_config("configs/tiny.yaml", [*BASE, f"--log.run_dir={run_dir}"]))
     assert rows(rest) == whole[2:]
+
+
+# ------------------------------------------------------------------------------------------- verify-resume
+
+
+VERIFY = [a for a in BASE if not a.startswith("--train.steps")]
+
+
+def test_verify_resume_reports_a_matching_continuation(tmp_path: Path, capsys):
+    from tplus_dist.cli import main
+
+    rc = main(["verify-resume", "configs/tiny.yaml", *VERIFY, "--steps", "4", "--at", "2", "--work-dir", str(tmp_path)])
+    out = capsys.readouterr().out
+    assert rc == 0, out
+    assert "stopped after step 2 and resumed: the continuation matches bit for bit (4 steps" in out
+
+
+def test_verify_resume_finds_where_a_broken_resume_first_differs(tmp_path: Path, monkeypatch, capsys):
+    import tplus_dist.checkpoint.manager as manager
+    from tplus_dist.cli import main
+
+    monkeypatch.setattr(manager, "set_rng_state_plain", lambda state: None)  # a resume that forgets the RNG
+    rc = main(["verify-resume", "configs/tiny.yaml", *VERIFY, "--steps", "4", "--at", "2", "--work-dir", str(tmp_path)])
+    out = capsys.readouterr().out
+    assert rc == 1
+    assert "the continuation DIFFERS" in out and "first difference at step 3, loss:" in out  # dropout's masks
+
+
+# ------------------------------------------------------------------------------------------------- export
+
+
+def test_export_a_checkpoint_consolidated_and_as_hugging_face(tmp_path: Path):
+    from safetensors.torch import load_file
+
+    from tplus_dist import hf
+    from tplus_dist.cli import main
+
+    run_dir = tmp_path / "run"
+    interrupted(run_dir, 2)
+    ckpt = run_dir / "checkpoints" / "step_00000002"
+    assert main(["export", str(ckpt), "--format", "consolidated", str(tmp_path / "flat")]) == 0
+    flat = load_file(str(tmp_path / "flat" / "model.safetensors"))
+    saved = torch.load(ckpt / "model.pt", weights_only=True)
+    assert flat.keys() == saved.keys() and all(torch.equal(flat[k], saved[k]) for k in saved)
+    assert main(["export", str(run_dir / "checkpoints"), "--format", "hf", str(tmp_path / "hf")]) == 0  # latest
+    cfg, model = hf.load(tmp_path / "hf")  # transformers' folder back into our decoder: the same weights
+    v = cfg.vocab_size  # (the vocabulary's padding rows come back as zeros)
+    assert all(torch.equal(p[:v], saved[n][:v]) for n, p in model.state_dict().items())
+
+
+def test_export_refuses_a_non_empty_output_and_a_damaged_checkpoint(tmp_path: Path, capsys):
+    from tplus_dist.cli import main
+
+    run_dir = tmp_path / "run"
+    interrupted(run_dir, 2)
+    ckpt = run_dir / "checkpoints" / "step_00000002"
+    (tmp_path / "out").mkdir()
+    (tmp_path / "out" / "keep.txt").write_text("mine")
+    assert main(["export", str(ckpt), "--format", "consolidated", str(tmp_path / "out")]) == 2
+    assert "exists and is not empty" in capsys.readouterr().err
+    (ckpt / "model.pt").write_bytes(b"garbage")
+    assert main(["export", str(ckpt), "--format", "consolidated", str(tmp_path / "new")]) == 2
+    assert "model.pt is 7 bytes, the manifest says" in capsys.readouterr().err
+    assert (tmp_path / "out" / "keep.txt").read_text() == "mine"

@@ -83,8 +83,16 @@ def test_run_directory_has_config_metrics_and_tensorboard(tmp_path: Path) -> Non
 def test_existing_run_is_never_overwritten(tmp_path: Path) -> None:
     first, _ = train(_cfg(tmp_path, "--train.steps=2"))
     before = (first / "metrics.jsonl").read_text()
-    second, _ = train(_cfg(tmp_path, "--train.steps=2"))
+    # the same command finds the finished run (its checkpoint) and does nothing
+    again, history = train(_cfg(tmp_path, "--train.steps=2"))
+    assert again == first and history == []
+    # a fresh start goes to a new directory
+    second, _ = train(_cfg(tmp_path, "--train.steps=2", "--checkpoint.resume=none"))
     assert second != first and second.name == first.name + "-1"
+    # a directory with files but no checkpoint is not resumed either
+    third, _ = train(_cfg(tmp_path, "--train.steps=2", "--checkpoint.at_end=false", "--log.name=other"))
+    fourth, _ = train(_cfg(tmp_path, "--train.steps=2", "--log.name=other"))
+    assert fourth.name == third.name + "-1"
     assert (first / "metrics.jsonl").read_text() == before
 
 
@@ -230,7 +238,7 @@ def test_cli_surface_is_frozen(capsys: pytest.CaptureFixture[str]) -> None:
     """Other tools call these commands: changing them is a breaking change, so it must be deliberate."""
     from tplus_dist.cli import COMMANDS
 
-    assert sorted(COMMANDS) == ["bench", "config", "prepare", "train"]
+    assert sorted(COMMANDS) == ["bench", "config", "export", "prepare", "train", "verify-resume"]
     assert main(["--help"]) == 0
     assert main(["nope"]) == 2
 

@@ -121,13 +121,15 @@ def init_process_groups(
     return groups
 
 
-def destroy_process_groups() -> None:
+def destroy_process_groups(keep_world: bool = False) -> None:
     """Tear down parallel_state and torch.distributed (safe to call when either is not initialized), and remove
-    this rank's DeepSpeed shared-memory buffer."""
+    this rank's DeepSpeed shared-memory buffer. ``keep_world``: keep torch.distributed (the default group) for
+    another layout in the same processes (re-initializing it through the launcher's store can read the previous
+    incarnation's addresses)."""
     ps = _parallel_state()
     if ps.model_parallel_is_initialized():
         ps.destroy_model_parallel()
-    if dist.is_initialized():
+    if dist.is_initialized() and not keep_world:
         dist.barrier()  # nobody reads another rank's buffer any more
         remove_deepspeed_shm_buffer()
         dist.destroy_process_group()
