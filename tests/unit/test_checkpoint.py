@@ -268,3 +268,12 @@ def test_export_refuses_a_non_empty_output_and_a_damaged_checkpoint(tmp_path: Pa
     assert main(["export", str(ckpt), "--format", "consolidated", str(tmp_path / "new")]) == 2
     assert "model.pt is 7 bytes, the manifest says" in capsys.readouterr().err
     assert (tmp_path / "out" / "keep.txt").read_text() == "mine"
+
+
+def test_the_resume_flag_is_the_checkpoint_resume_field():
+    from tplus_dist.cli import _resume_flag
+
+    assert _resume_flag(["c.yaml", "--resume", "runs/x"]) == ["c.yaml", "--checkpoint.resume=runs/x"]
+    assert _resume_flag(["--resume=p", "c.yaml"]) == ["--checkpoint.resume=p", "c.yaml"]
+    with pytest.raises(ConfigError):
+        _resume_flag(["c.yaml", "--resume"])
