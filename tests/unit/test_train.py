@@ -85,7 +85,7 @@ def test_existing_run_is_never_overwritten(tmp_path: Path) -> None:
     before = (first / "metrics.jsonl").read_text()
     # the same command finds the finished run (its checkpoint) and does nothing
     again, history = train(_cfg(tmp_path, "--train.steps=2"))
-    assert again == first and history == []
+    assert again == first and history == [] and not list(first.glob("config.resumed_*"))
     # a fresh start goes to a new directory
     second, _ = train(_cfg(tmp_path, "--train.steps=2", "--checkpoint.resume=none"))
     assert second != first and second.name == first.name + "-1"

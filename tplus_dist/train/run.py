@@ -284,8 +284,9 @@ def build_trainer(cfg: RunConfig, run_dir: Path | None = None, stop: Any = None)
     if ckpt is not None:
         manager.check_model(ckpt)  # a different model stops here, before anything is built or written
     if layout.rank == 0:
-        name = "config.yaml" if ckpt is None else f"config.resumed_{ckpt.path.name}.yaml"
-        (run_dir / name).write_text(cfg.to_yaml())
+        if ckpt is None or ckpt.step < cfg.train.steps:  # (a finished run resumed does nothing: no new config)
+            name = "config.yaml" if ckpt is None else f"config.resumed_{ckpt.path.name}.yaml"
+            (run_dir / name).write_text(cfg.to_yaml())
         manifest_file = run_dir / "data_manifest.json"
         if not manifest_file.exists():
             manifest_file.write_text(json.dumps({"shards": data.shards, **data.manifest}, indent=1))
@@ -374,7 +375,7 @@ def train(cfg: RunConfig, run_dir: Path | None = None) -> tuple[Path, list[dict[
 def _train(cfg: RunConfig, run_dir: Path | None, stop: Any) -> tuple[Path, list[dict[str, Any]]]:
     trainer, run_dir = build_trainer(cfg, run_dir, stop)
     distributed = int(os.environ.get("WORLD_SIZE", "1")) > 1
-    if not distributed or int(os.environ.get("RANK", "0")) == 0:
+    if (not distributed or int(os.environ.get("RANK", "0")) == 0) and trainer.state.step < cfg.train.steps:
         n = model_num_params(cfg.model)  # the whole model's, however it is split
         layout = trainer.layout.groups.dims if trainer.layout is not None and trainer.layout.groups else None
         where = f"{layout}" if distributed else str(trainer.device)
