@@ -7,22 +7,10 @@ from pathlib import Path
 import pytest
 import torch
 
+from tests.distributed.test_tp_training import BASE, KEYS
 from tplus_dist.config import load_config
 from tplus_dist.spawn import run_distributed
 from tplus_dist.train.run import train
-
-CACHE = Path(__file__).resolve().parents[2] / ".cache" / "tplus-tests"
-BASE = [
-    "--model.seq_len=64",
-    "--train.steps=5",
-    "--train.micro_batch_size=4",
-    "--train.eval_interval=0",
-    "--log.progress=false",
-    "--log.tensorboard=false",
-    "--schedule.warmup_steps=2",
-    f"--data.cache_dir={CACHE}",
-]
-KEYS = ("loss", "grad_norm", "lr", "batch_size", "first_sample", "last_sample", "tokens")
 
 
 def _rank(rank: int, world: int, overrides: list[str], out: str) -> None:

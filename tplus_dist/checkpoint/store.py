@@ -25,6 +25,8 @@ from typing import Any
 
 import xxhash
 
+from tplus_dist.fsutil import fsync_dir
+
 MANIFEST = "manifest.json"
 LATEST = "latest"
 PARTIAL_PREFIX = ".partial-"
@@ -49,14 +51,6 @@ def checksum(path: Path) -> str:
     return h.hexdigest()
 
 
-def _fsync_dir(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
 def write_atomic(path: Path, text: str) -> None:
     """Write ``text`` to ``path`` through a temporary file and a rename: readers see the old or the new file."""
     tmp = path.with_name(f".{path.name}.{uuid.uuid4().hex[:8]}.tmp")
@@ -65,7 +59,7 @@ def write_atomic(path: Path, text: str) -> None:
         f.flush()
         os.fsync(f.fileno())
     os.replace(tmp, path)
-    _fsync_dir(path.parent)
+    fsync_dir(path.parent)
 
 
 def new_staging_dir(root: Path, step: int) -> Path:
@@ -92,9 +86,9 @@ def publish(staging: Path, manifest: dict[str, Any]) -> Path:
     if final.exists():
         raise CheckpointError(f"{final} already exists; a published checkpoint is never overwritten")
     write_atomic(staging / MANIFEST, json.dumps(manifest, indent=1, sort_keys=True))
-    _fsync_dir(staging)
+    fsync_dir(staging)
     os.rename(staging, final)
-    _fsync_dir(final.parent)
+    fsync_dir(final.parent)
     write_atomic(final.parent / LATEST, final.name + "\n")
     return final
 

@@ -63,6 +63,7 @@ from tplus_dist.data.tokenizers import (
     load_tokenizer,
     tokenizer_kind,
 )
+from tplus_dist.fsutil import fsync_dir
 
 log = logging.getLogger(__name__)
 
@@ -325,14 +326,6 @@ def _sha256(path: Path) -> str:
     return h.hexdigest()
 
 
-def _fsync_dir(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
 def _file_entry(root: Path, path: Path) -> dict[str, Any]:
     return {"file": path.relative_to(root).as_posix(), "bytes": path.stat().st_size, "sha256": _sha256_and_fsync(path)}
 
@@ -531,7 +524,7 @@ def prepare(
                 "index": _file_entry(tmp, index),
                 "shards": [_file_entry(tmp, tmp / s / name) for name in shard_names],
             }
-            _fsync_dir(tmp / s)
+            fsync_dir(tmp / s)
         from tplus_dist import __version__
 
         seconds = time.perf_counter() - t_start
@@ -576,7 +569,7 @@ def prepare(
             f.write("\n")
             f.flush()
             os.fsync(f.fileno())
-        _fsync_dir(tmp)
+        fsync_dir(tmp)
         appeared = f"{out} appeared while preparing (another prepare?); refusing to overwrite it"
         if out.exists() or out.is_symlink():  # appeared while we worked: still never overwrite
             raise PrepareError(appeared)
@@ -586,7 +579,7 @@ def prepare(
             if e.errno in (errno.EEXIST, errno.ENOTEMPTY):
                 raise PrepareError(appeared) from None
             raise
-        _fsync_dir(out.parent)
+        fsync_dir(out.parent)
     except BaseException:
         try:
             if pool is not None:
