@@ -16,9 +16,10 @@ commands:
                                            train (a run directory under runs/ gets config, metrics, tensorboard,
                                            checkpoints); resumes from the run's latest checkpoint, or from PATH
   config CONFIG [--section.key=value ...]  print the resolved, validated config
-  verify-resume CONFIG [...] --steps N [--at K]
-                                           run N steps, and again stopped after step K, saved and resumed;
-                                           report whether the continuation matches and where it first differs
+  verify-resume CONFIG [...] --steps N [--at K] [--resume-with OVERRIDE ...]
+                                           run N steps, and again stopped after step K, saved and resumed
+                                           (on another layout with --resume-with); report whether the
+                                           continuation matches and where it first differs
   export CHECKPOINT --format hf|consolidated OUT [--family NAME]
                                            a checkpoint (under torchrun when distributed) as a Hugging Face
                                            folder (logits checked) or one safetensors file
@@ -96,10 +97,16 @@ def cmd_prepare(argv: list[str]) -> int:
 
 
 def cmd_verify_resume(argv: list[str]) -> int:
-    steps, at, work, rest, i = None, None, None, [], 0
+    steps, at, work, rest, resume_with, i = None, None, None, [], [], 0
     while i < len(argv):
         a = argv[i]
         key, _, value = a.partition("=")
+        if a == "--resume-with":  # the next argument is an override, --section.field=value
+            if i + 1 >= len(argv):
+                raise ValueError("--resume-with needs an override, e.g. --resume-with --parallel.tensor_parallel=1")
+            resume_with.append(argv[i + 1])
+            i += 2
+            continue
         if key in ("--steps", "--at", "--work-dir"):
             if not value:
                 if i + 1 >= len(argv):
@@ -122,7 +129,13 @@ def cmd_verify_resume(argv: list[str]) -> int:
 
     from tplus_dist.checkpoint.verify import verify_resume
 
-    report = verify_resume(cfg, steps, at, Path(work) if work else None)
+    resume_cfg = None
+    if resume_with:
+        from tplus_dist.checkpoint.verify import check_resume_overrides
+
+        resume_cfg = load_config(config, [*overrides, *resume_with])
+        check_resume_overrides(cfg, resume_cfg, resume_with, int(os.environ.get("WORLD_SIZE", "1")))
+    report = verify_resume(cfg, steps, at, Path(work) if work else None, resume_cfg, resume_with)
     if os.environ.get("RANK", "0") == "0":
         print(report.text())
     return 0 if report.matches else 1

@@ -47,6 +47,16 @@ def run(tmp_path: Path, world: int, run_dir: Path, extra: list[str], stop_at: in
 LAYOUTS = {
     "dp2-zero1": (2, ["--train.grad_accum=1", "--parallel.zero_stage=1"]),
     "dp2-zero3": (2, ["--train.grad_accum=1", "--parallel.zero_stage=3"]),
+    # step 2 saved in the background (published at a later step end), step 3 on the signal, 4 in the background
+    "dp2-zero3-background": (
+        2,
+        [
+            "--train.grad_accum=1",
+            "--parallel.zero_stage=3",
+            "--checkpoint.background=true",
+            "--checkpoint.interval_steps=2",
+        ],
+    ),
     "tp2": (2, ["--parallel.tensor_parallel=2"]),
     "pp2": (2, ["--parallel.pipeline_parallel=2"]),
     "pp2-interleaved": (

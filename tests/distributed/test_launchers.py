@@ -82,7 +82,24 @@ def test_verify_resume_under_torchrun_checks_a_tensor_parallel_layout(tmp_path: 
 
 
 @pytest.mark.slow
-def test_a_tensor_parallel_checkpoint_exports_under_torchrun(tmp_path: Path) -> None:
+def test_verify_resume_under_torchrun_checks_a_resume_on_another_layout(tmp_path: Path) -> None:
+    # stopped as TP 2 (global batch 4 = micro 4 x 1 rank), resumed as ZeRO 3 over 2 data-parallel ranks (2 x 2)
+    cmd = [
+        sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", str(free_port()),
+        "-m", "tplus_dist", "verify-resume", "configs/tiny.yaml", *BASE, "--parallel.tensor_parallel=2",
+        "--steps", "4", "--at", "2", "--work-dir", str(tmp_path / "verify"),
+        "--resume-with", "--parallel.tensor_parallel=1", "--resume-with", "--parallel.zero_stage=3",
+        "--resume-with", "--train.micro_batch_size=2",
+    ]  # fmt: skip
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    proc = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    assert "resumed on another layout (--parallel.tensor_parallel=1 --parallel.zero_stage=3" in proc.stdout
+    assert "the continuation matches to fp32 reduction-order noise (4 steps" in proc.stdout
+
+
+@pytest.mark.slow
+def test_a_tensor_parallel_checkpoint_exports_from_one_process_or_under_torchrun(tmp_path: Path) -> None:
     from safetensors.torch import load_file
 
     from tplus_dist import hf
@@ -95,9 +112,9 @@ def test_a_tensor_parallel_checkpoint_exports_under_torchrun(tmp_path: Path) -> 
         "--parallel.tensor_parallel=2", "--model.tie_embeddings=false", f"--log.run_dir={run_dir}",
     ]  # fmt: skip
     launched_losses(train_cmd, run_dir)
-    for fmt in ("consolidated", "hf"):
-        cmd = [*launch, "--master_port", str(free_port()), "-m", "tplus_dist", "export", str(run_dir / "checkpoints"),
-               "--format", fmt, str(tmp_path / fmt)]  # fmt: skip
+    for fmt, launcher in (("consolidated", [*launch, "--master_port", str(free_port())]), ("hf", [sys.executable])):
+        cmd = [*launcher, "-m", "tplus_dist", "export", str(run_dir / "checkpoints"), "--format", fmt,
+               str(tmp_path / fmt)]  # fmt: skip
         proc = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
         assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     flat = load_file(str(tmp_path / "consolidated" / "model.safetensors"))

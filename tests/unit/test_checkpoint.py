@@ -14,6 +14,7 @@ import pytest
 import torch
 
 from tplus_dist.checkpoint import CheckpointError
+from tplus_dist.checkpoint.sharded import checkpoint_parameters
 from tplus_dist.checkpoint.signals import StopRequest
 from tplus_dist.config import ConfigError, load_config
 from tplus_dist.train.hooks import Hook
@@ -65,7 +66,7 @@ def interrupted(run_dir: Path, at: int, *extra: str, sig: int = signal.SIGTERM) 
 
 def final_model(run_dir: Path) -> dict[str, torch.Tensor]:
     latest = (run_dir / "checkpoints" / "latest").read_text().strip()
-    return torch.load(run_dir / "checkpoints" / latest / "model.pt", weights_only=True)
+    return checkpoint_parameters(run_dir / "checkpoints" / latest)
 
 
 @pytest.fixture(scope="module")
@@ -102,6 +103,24 @@ def test_resume_from_an_explicit_checkpoint_goes_to_a_new_run_directory(tmp_path
     assert (tmp_path / "run-1" / "checkpoints" / "step_00000006").is_dir()
 
 
+def test_a_background_save_resumes_as_the_same_run_and_logs_the_stall(tmp_path: Path, uninterrupted, capsys):
+    whole_dir, whole = uninterrupted
+    run_dir = tmp_path / "run"
+    flags = ["--checkpoint.background=true", "--checkpoint.interval_steps=2", "--checkpoint.keep_last=5"]
+    _, history = train(load_config("configs/tiny.yaml", [*BASE, f"--log.run_dir={run_dir}", *flags]))
+    assert rows(history) == whole  # saving in the background changes nothing in the run
+    out = capsys.readouterr().out
+    assert "tplus: saved step 2 (interval, in the background)" in out and "the step loop waited" in out
+    assert all("checkpoint_stall_s" in m for m in history if m["step"] in (2, 4))
+    ckpts = sorted(p.name for p in (run_dir / "checkpoints").glob("step_*"))
+    assert ckpts == ["step_00000002", "step_00000004", "step_00000006"]
+    resume = [*BASE, f"--log.run_dir={run_dir}", f"--checkpoint.resume={run_dir / 'checkpoints' / 'step_00000004'}"]
+    _, rest = train(load_config("configs/tiny.yaml", resume))
+    assert rows(rest) == whole[4:]  # a background checkpoint holds the state of its step, bit for bit
+    got, want = final_model(tmp_path / "run-1"), final_model(whole_dir)
+    assert all(torch.equal(got[k], want[k]) for k in want)
+
+
 def test_retention_keeps_the_last_k_and_every_mth(tmp_path: Path):
     run_dir = tmp_path / "run"
     extra = ["--checkpoint.interval_steps=1", "--checkpoint.keep_last=2", "--checkpoint.keep_every=2"]
@@ -114,19 +133,16 @@ def test_a_failed_save_leaves_the_previous_checkpoint_latest_and_loadable(tmp_pa
     _, whole = uninterrupted
     run_dir = tmp_path / "run"
     interrupted(run_dir, 2)
-    real_save = torch.save
-    calls = {"n": 0}
+    from tplus_dist.checkpoint import sharded
 
-    def disk_full(obj: Any, f: Any, *args: Any, **kwargs: Any) -> None:
-        calls["n"] += 1
-        if calls["n"] == 2:  # the second file of the next checkpoint
-            raise OSError(28, "No space left on device")
-        real_save(obj, f, *args, **kwargs)
+    def disk_full(path: Path, tensors: list[tuple[str, torch.Tensor]]) -> int:
+        path.write_bytes(b"\0" * 1000)  # part of the shard reached the disk, then the disk was full
+        raise OSError(28, "No space left on device")
 
-    monkeypatch.setattr(torch, "save", disk_full)
+    monkeypatch.setattr(sharded, "write_safetensors", disk_full)
     with pytest.raises(CheckpointError, match="No space left on device"):
         interrupted(run_dir, 4)
-    monkeypatch.setattr(torch, "save", real_save)
+    monkeypatch.undo()
     assert (run_dir / "checkpoints" / "latest").read_text().strip() == "step_00000002"
     assert [p.name for p in (run_dir / "checkpoints").glob(".partial-*")]  # the failed save's staging
     _, rest = train(load_config("configs/tiny.yaml", [*BASE, f"--log.run_dir={run_dir}"]))
@@ -147,7 +163,7 @@ def test_a_damaged_checkpoint_is_refused_naming_the_file(tmp_path: Path, damage:
     run_dir = tmp_path / "run"
     interrupted(run_dir, 2)
     ckpt = run_dir / "checkpoints" / "step_00000002"
-    target = ckpt / "optimizer.pt"
+    target = ckpt / "state" / "rank00000.safetensors"
     if damage == "truncate":
         target.write_bytes(target.read_bytes()[:-10])
     elif damage == "corrupt":
@@ -179,9 +195,9 @@ from tplus_dist.train.run import train
 
 real_write = CheckpointManager._write
 
-def write_then_die(self, trainer, staging, rank):
-    real_write(self, trainer, staging, rank)
-    if trainer.state.step == 4:  # the second save: its files are written, the manifest is not
+def write_then_die(self, job, tensors, own, rank):
+    real_write(self, job, tensors, own, rank)
+    if job.step == 4:  # the second save: its files are written, the manifest is not
         os.kill(os.getpid(), signal.SIGKILL)
 
 CheckpointManager._write = write_then_die
@@ -189,13 +205,14 @@ train(load_config("configs/tiny.yaml", sys.argv[1:]))
 """
 
 
-def test_kill_9_during_a_save_leaves_the_previous_checkpoint_latest(tmp_path: Path, uninterrupted):
+@pytest.mark.parametrize("background", [False, True])
+def test_kill_9_during_a_save_leaves_the_previous_checkpoint_latest(tmp_path: Path, uninterrupted, background: bool):
     import subprocess
     import sys
 
     _, whole = uninterrupted
     run_dir = tmp_path / "run"
-    args = [*BASE, f"--log.run_dir={run_dir}", "--checkpoint.interval_steps=2"]
+    args = [*BASE, f"--log.run_dir={run_dir}", "--checkpoint.interval_steps=2", f"--checkpoint.background={background}"]
     root = Path(__file__).resolve().parents[2]
     proc = subprocess.run([sys.executable, "-c", KILL_DURING_SAVE, *args], cwd=root, capture_output=True, timeout=300)
     assert proc.returncode == -signal.SIGKILL, proc.stderr.decode()[-2000:]
@@ -246,7 +263,7 @@ def test_export_a_checkpoint_consolidated_and_as_hugging_face(tmp_path: Path):
     ckpt = run_dir / "checkpoints" / "step_00000002"
     assert main(["export", str(ckpt), "--format", "consolidated", str(tmp_path / "flat")]) == 0
     flat = load_file(str(tmp_path / "flat" / "model.safetensors"))
-    saved = torch.load(ckpt / "model.pt", weights_only=True)
+    saved = checkpoint_parameters(ckpt)
     assert flat.keys() == saved.keys() and all(torch.equal(flat[k], saved[k]) for k in saved)
     assert main(["export", str(run_dir / "checkpoints"), "--format", "hf", str(tmp_path / "hf")]) == 0  # latest
     cfg, model = hf.load(tmp_path / "hf")  # transformers' folder back into our decoder: the same weights
@@ -264,9 +281,9 @@ def test_export_refuses_a_non_empty_output_and_a_damaged_checkpoint(tmp_path: Pa
     (tmp_path / "out" / "keep.txt").write_text("mine")
     assert main(["export", str(ckpt), "--format", "consolidated", str(tmp_path / "out")]) == 2
     assert "exists and is not empty" in capsys.readouterr().err
-    (ckpt / "model.pt").write_bytes(b"garbage")
+    (ckpt / "state" / "rank00000.safetensors").write_bytes(b"garbage")
     assert main(["export", str(ckpt), "--format", "consolidated", str(tmp_path / "new")]) == 2
-    assert "model.pt is 7 bytes, the manifest says" in capsys.readouterr().err
+    assert "rank00000.safetensors is 7 bytes, the manifest says" in capsys.readouterr().err
     assert (tmp_path / "out" / "keep.txt").read_text() == "mine"
 
 

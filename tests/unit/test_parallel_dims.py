@@ -318,3 +318,27 @@ def test_a_bad_deepspeed_json_is_one_error_naming_the_file(tmp_path, text, words
         load_deepspeed_overrides(str(path))
     assert info.value.field == "parallel.deepspeed_config"
     assert str(path) in info.value.reason and words in info.value.reason, info.value.reason
+
+
+@pytest.mark.parametrize(
+    "optimizer, parallel, words",
+    [
+        ("adafactor", ["--parallel.zero_stage=1"], "zero_stage 1 hands it flat partitions"),
+        ("soap", ["--parallel.zero_stage=0", "--parallel.tensor_parallel=2"], "tensor_parallel 2 hands it slices"),
+        ("adafactor", ["--parallel.zero_stage=0", "--precision.dtype=bf16"], "bf16 under DeepSpeed"),
+    ],
+)
+def test_matrix_optimizers_are_refused_where_they_would_see_flat_partitions_or_slices(
+    monkeypatch, optimizer, parallel, words
+):
+    import torch
+
+    from tplus_dist.train.run import setup_layout
+
+    env = {"WORLD_SIZE": "2", "RANK": "0", "LOCAL_RANK": "0", "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": "29999"}
+    for k, v in env.items():
+        monkeypatch.setenv(k, v)
+    cfg = load_config(overrides=[f"--optim.name={optimizer}", *parallel])
+    with pytest.raises(ConfigError) as info:  # refused before any process group is made
+        setup_layout(cfg, torch.device("cpu"))
+    assert info.value.field == "optim.name" and words in info.value.reason, info.value.reason

@@ -2,8 +2,10 @@
 
 Builds the preset's decoder with AdamW moments allocated (fp32: 4 bytes x 3 per parameter, about 13 GB for
 llama-1.1b), then times, through the same CheckpointManager a run uses, one save (write, checksums, publish: the
-step loop stalls this long, as saves are synchronous) and one load (checksum verification, then the model and
-optimizer read back). Prints GB and GB/s. One process; a distributed save writes each rank's shards in parallel.
+step loop stalls this long in a synchronous save) and one load (checksum verification, then the parameters and
+moments read back into the model and optimizer); with --background also a background save (the stall is the
+snapshot to host memory). Prints GB and GB/s. One process; a distributed save writes each rank's shards in
+parallel.
 """
 
 from __future__ import annotations
@@ -19,6 +21,7 @@ from typing import Any
 import torch
 
 from tplus_dist.checkpoint.manager import CheckpointManager
+from tplus_dist.checkpoint.sharded import load_state
 from tplus_dist.checkpoint.store import find_checkpoint, verify_files
 from tplus_dist.config import load_config
 from tplus_dist.model import build_model
@@ -36,6 +39,12 @@ def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--preset", default="llama-1.1b", help="a model preset under configs/models/")
     ap.add_argument("--dir", default=None, help="where to write (default: a temporary directory, removed after)")
+    ap.add_argument(
+        "--background",
+        action="store_true",
+        help="also time a background save (checkpoint.background): the step loop's stall and the time to publish; "
+        "needs host memory for a second copy of the state",
+    )
     args = ap.parse_args(argv)
     cfg = load_config(f"configs/models/{args.preset}.yaml")
     print(f"building {args.preset} with AdamW moments ...", flush=True)
@@ -59,9 +68,16 @@ def main(argv: list[str] | None = None) -> int:
         verify_files(ckpt)
         t_verify = time.perf_counter() - t0
         t0 = time.perf_counter()
-        model.load_state_dict(torch.load(ckpt.path / "model.pt", map_location="cpu", weights_only=True, mmap=True))
-        opt.load_state_dict(torch.load(ckpt.path / "optimizer.pt", map_location="cpu", weights_only=True, mmap=True))
+        load_state(trainer, ckpt.path, ckpt.manifest["state"])  # what a resume does, on any layout
         t_read = time.perf_counter() - t0
+        background = []
+        if args.background:  # twice: the first allocates the host buffers, later saves reuse them
+            for step in (2, 3):
+                trainer.state.step = step
+                stall = manager.save_in_background(trainer)
+                done = manager.wait()
+                assert done is not None
+                background.append((stall, done.seconds))
     finally:
         if not args.dir:
             shutil.rmtree(base, ignore_errors=True)
@@ -70,7 +86,10 @@ def main(argv: list[str] | None = None) -> int:
           f"{'read s':>7} {'load GB/s':>10}")  # fmt: skip
     print(f"{args.preset:<12} {n / 1e9:>7.2f}B {gb:>9.2f} {saved.seconds:>7.1f} {gb / saved.seconds:>10.2f} "
           f"{t_verify:>9.1f} {t_read:>7.1f} {gb / (t_verify + t_read):>10.2f}")  # fmt: skip
-    print("step-loop stall per save = save s (synchronous save)")
+    print("step-loop stall per synchronous save = save s")
+    for which, (stall, total) in zip(("first", "later"), background, strict=False):
+        print(f"background save ({which}): the step loop waits {stall:.1f} s (snapshot to host memory, "
+              f"{gb / stall:.2f} GB/s), published after {total:.1f} s")  # fmt: skip
     return 0
 
 

@@ -2,13 +2,14 @@
 
 from __future__ import annotations
 
+import sys
 import time
 from typing import TYPE_CHECKING, Any
 
 import torch
 import torch.distributed as dist
 
-from tplus_dist.checkpoint.manager import CheckpointManager
+from tplus_dist.checkpoint.manager import CheckpointManager, SaveResult
 from tplus_dist.checkpoint.signals import StopRequest
 from tplus_dist.train.hooks import Hook
 
@@ -17,13 +18,17 @@ if TYPE_CHECKING:
 
 
 class CheckpointHook(Hook):
-    """Runs on every rank; the ranks agree on whether to save (an all-reduce of four flags per step), since each
-    rank's clock and signals are its own."""
+    """Runs on every rank; the ranks agree on whether to save (an all-reduce of five flags per step: the four
+    reasons to save and whether a background save is still writing somewhere), since each rank's clock, signals
+    and disk are its own."""
 
-    def __init__(self, manager: CheckpointManager, stop: StopRequest | None, verbose: bool) -> None:
+    def __init__(
+        self, manager: CheckpointManager, stop: StopRequest | None, verbose: bool, background: bool = False
+    ) -> None:
         self.manager = manager
         self.stop = stop
         self.verbose = verbose
+        self.background = background
         self.last_save = time.monotonic()
 
     def on_fit_start(self, trainer: Trainer) -> None:
@@ -39,26 +44,44 @@ class CheckpointHook(Hook):
                 ck.interval_minutes is not None and minutes >= ck.interval_minutes,
                 self.stop is not None and self.stop.requested,
                 ck.at_end and step >= trainer.total_steps,
+                not self.manager.pending_done(),
             ],
             dtype=torch.float32,
         )
         if dist.is_available() and dist.is_initialized():
             dist.all_reduce(flags, op=dist.ReduceOp.MAX)
-        by_step, by_time, signalled, at_end = (bool(f) for f in flags.tolist())
+        by_step, by_time, signalled, at_end, writing = (bool(f) for f in flags.tolist())
+        if self.manager.pending is not None and not writing:  # every rank's files are written: publish
+            self._report(self.manager.finish_pending(), "interval, in the background")
         if not (by_step or by_time or signalled or at_end):
             return
-        result = self.manager.save(trainer)
+        if self.background and not (signalled or at_end):
+            metrics["checkpoint_stall_s"] = self.manager.save_in_background(trainer)
+            self.last_save = time.monotonic()
+            return
+        result = self.manager.save(trainer)  # (a background save still writing is published first)
         self.last_save = time.monotonic()
-        metrics["checkpoint_s"] = result.seconds
-        if self.verbose:
-            why = "signal" if signalled else "end" if at_end else "interval"
-            print(
-                f"tplus: saved step {step} ({why}) to {result.path}: {result.bytes / 1e6:.1f} MB in "
-                f"{result.seconds:.2f} s",
-                flush=True,
-            )
+        metrics["checkpoint_s"] = metrics["checkpoint_stall_s"] = result.seconds
+        self._report(result, "signal" if signalled else "end" if at_end else "interval")
         if signalled:
             trainer.stop_requested = True
             if self.verbose:
                 name = self.stop.signal_name if self.stop is not None and self.stop.signal_name else "a signal"
                 print(f"tplus: stopping after step {step} on {name}; resume with the same command", flush=True)
+
+    def on_fit_end(self, trainer: Trainer) -> None:
+        if self.manager.pending is None:
+            return
+        if sys.exc_info()[0] is not None:  # training failed: no collective now; the next start removes the staging
+            return
+        self._report(self.manager.wait(), "interval, in the background")  # published before the run ends
+
+    def _report(self, result: SaveResult | None, why: str) -> None:
+        if result is None or not self.verbose:
+            return
+        stall = f"; the step loop waited {result.stall:.2f} s" if result.stall < result.seconds else ""
+        print(
+            f"tplus: saved step {result.step} ({why}) to {result.path}: {result.bytes / 1e6:.1f} MB in "
+            f"{result.seconds:.2f} s{stall}",
+            flush=True,
+        )

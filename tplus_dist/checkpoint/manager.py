@@ -1,22 +1,24 @@
 """Saving and loading the whole training state, for one process or every rank of a distributed run.
 
 What a checkpoint holds (Trainer.state_dict's list, split by who owns it):
-- model and optimizer: one process writes ``model.pt`` and ``optimizer.pt``; under a DeepSpeed engine (data,
-  tensor or pipeline parallel) every rank writes its own shards through ``engine.save_checkpoint`` under
-  ``engine/`` (ZeRO partitions, TP slices and pipeline layers each in their own files, in parallel);
+- model and optimizer: ``state/rankNNNNN.safetensors``, every rank its own pieces, in parallel, by decoder
+  parameter name and range (sharded.py): loadable on any layout, exportable from any process count;
 - ``trainer/rankNNNNN.pt`` per rank: step, tokens, the learning-rate and batch-size schedule positions, the data
   position (the global sample index, the same on every rank) and the RNG states (Python, NumPy, torch CPU and CUDA)
   of that rank;
-- ``manifest.json``: format, step, tokens, layout, the whole config, package versions, and every file's size and
-  checksum; written last, by rank 0, after every rank's files are written and checksummed (store.py publishes it).
+- ``manifest.json``: format, step, tokens, layout, the whole config, package versions, the state index (which
+  file holds which range of which parameter), and every file's size and checksum; written last, by rank 0,
+  after every rank's files are written and checksummed (store.py publishes it).
 """
 
 from __future__ import annotations
 
+import copy
 import datetime
 import random
+import threading
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from importlib import metadata
 from pathlib import Path
 from typing import Any
@@ -25,13 +27,13 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
+from tplus_dist.checkpoint.sharded import build_index, load_state, snapshot_state, write_state
 from tplus_dist.checkpoint.store import (
     FORMAT_VERSION,
     Checkpoint,
     CheckpointError,
     file_entries,
     find_checkpoint,
-    list_files,
     new_staging_dir,
     prune,
     publish,
@@ -42,8 +44,6 @@ from tplus_dist.checkpoint.store import (
 from tplus_dist.config import ConfigError, RunConfig, to_dict
 
 TRAINER_DIR = "trainer"
-ENGINE_DIR = "engine"
-ENGINE_TAG = "state"
 
 
 def _distributed() -> bool:
@@ -137,7 +137,26 @@ def _versions() -> dict[str, str]:
 class SaveResult:
     path: Path
     seconds: float
+    """From the start of the save to its publication."""
     bytes: int
+    stall: float
+    """How long the step loop waited: the whole save, or only the snapshot of a background save."""
+    step: int = 0
+
+
+@dataclass
+class _Pending:
+    """A save whose files are being written (by a thread, or inline); finished by ``_finish`` on every rank."""
+
+    step: int
+    staging: Path
+    t0: float
+    head: dict[str, Any]
+    metas: list[dict[str, Any]]
+    thread: threading.Thread | None = None
+    entries: dict[str, Any] = field(default_factory=dict)
+    error: str | None = None
+    stall: float = 0.0
 
 
 class CheckpointManager:
@@ -147,12 +166,29 @@ class CheckpointManager:
         self.cfg = cfg
         self.ck = cfg.checkpoint
         self.root = root
+        self.pending: _Pending | None = None
+        self._buffers: dict[str, torch.Tensor] = {}  # host copies reused by background saves
 
     # ------------------------------------------------------------------------------------------------- save
     def save(self, trainer: Any) -> SaveResult:
+        """Save the whole state and publish it (every rank); the step loop waits for all of it."""
+        result = self._save(trainer, background=False)
+        assert result is not None
+        return result
+
+    def save_in_background(self, trainer: Any) -> float:
+        """Snapshot the whole state into host memory and write it from a thread; returns the seconds the caller
+        waited (the snapshot). Every rank later calls :meth:`finish_pending` at the same point, once all agree
+        that their writes are done (:meth:`pending_done`), or :meth:`wait`."""
+        self._save(trainer, background=True)
+        return self.pending.stall if self.pending is not None else 0.0
+
+    def _save(self, trainer: Any, background: bool) -> SaveResult | None:
+        if self.pending is not None:
+            self.wait()  # one save at a time, in order
         t0 = time.perf_counter()
         step = int(trainer.state.step)
-        rank, world = _rank(), _world()
+        rank = _rank()
         error = None
         staging: Path | None = None
         if rank == 0:
@@ -162,62 +198,97 @@ class CheckpointManager:
                 error = f"cannot create a checkpoint directory under {self.root}: {e}"
         _agree(error)
         staging = Path(_broadcast(str(staging)))
+        job = _Pending(step, staging, t0, self._manifest_head(trainer), [])
+        tensors: list[tuple[str, torch.Tensor]] = []
+        own: dict[str, Any] = {}
         try:
-            self._write(trainer, staging, rank)
-        except (OSError, RuntimeError) as e:  # a full disk, a permission, an engine failure
-            error = f"saving step {step} into {staging} failed on rank {rank}: {e}"
-        _agree(error)
-        if _distributed():
-            dist.barrier()  # every rank's files are complete
-        names = list_files(staging)
-        try:
-            mine = file_entries(staging, names[rank::world])  # the checksums, in parallel over the ranks
-        except OSError as e:
-            mine, error = {}, f"checksumming {staging} failed on rank {rank}: {e}"
-        _agree(error)
-        entries: dict[str, Any] = {}
-        for part in _all_gather(mine):
-            entries.update(part)
-        final = None
-        if rank == 0:
-            try:
-                final = publish(staging, self._manifest(trainer, entries))
-                prune(self.root, self.ck.keep_last, self.ck.keep_every, protect=[final])
-            except (OSError, CheckpointError) as e:
-                error = f"publishing {staging} failed: {e}"
-        _agree(error)
-        final = Path(_broadcast(str(final)))
-        size = sum(e["bytes"] for e in entries.values())
-        return SaveResult(final, time.perf_counter() - t0, size)
+            tensors, job.metas = snapshot_state(trainer, rank, self._buffers if background else None)
+            own = copy.deepcopy(self._trainer_state(trainer))
+        except (RuntimeError, TypeError, CheckpointError) as e:
+            job.error = f"saving step {step} into {staging} failed on rank {rank}: {e}"
+        if background and job.error is None:
+            job.thread = threading.Thread(
+                target=self._write, args=(job, tensors, own, rank), name=f"tplus-save-{step}", daemon=True
+            )
+            job.thread.start()
+            job.stall = time.perf_counter() - t0
+            self.pending = job
+            return None
+        if job.error is None:
+            self._write(job, tensors, own, rank)
+        job.stall = -1.0  # the whole save
+        return self._finish(job)
 
-    def _write(self, trainer: Any, staging: Path, rank: int) -> None:
-        (staging / TRAINER_DIR).mkdir(exist_ok=True)
-        engine = engine_of(trainer)
-        if engine is not None:
-            engine.save_checkpoint(str(staging / ENGINE_DIR), tag=ENGINE_TAG, client_state={}, save_latest=False)
-        elif rank == 0:
-            torch.save(trainer.model.state_dict(), staging / "model.pt")
-            torch.save(trainer.optimizer.state_dict(), staging / "optimizer.pt")
-        own = {
+    def _trainer_state(self, trainer: Any) -> dict[str, Any]:
+        return {
             "step": trainer.state.step,
             "tokens": trainer.state.tokens,
             "scheduler": trainer.scheduler.state_dict(),
             "data": trainer.train_data.state_dict(),
             "rng": rng_state_plain(),
         }
-        torch.save(own, staging / TRAINER_DIR / f"rank{rank:05d}.pt")
 
-    def _manifest(self, trainer: Any, files: dict[str, Any]) -> dict[str, Any]:
+    def _write(self, job: _Pending, tensors: list[tuple[str, torch.Tensor]], own: dict[str, Any], rank: int) -> None:
+        """Write this rank's files and checksum them (in a thread for a background save: errors are kept)."""
+        try:
+            state = write_state(job.staging, rank, tensors)
+            (job.staging / TRAINER_DIR).mkdir(exist_ok=True)
+            trainer_file = job.staging / TRAINER_DIR / f"rank{rank:05d}.pt"
+            torch.save(own, trainer_file)
+            names = [str(f.relative_to(job.staging)) for f in (state, trainer_file)]
+            job.entries = file_entries(job.staging, names)
+        except (OSError, RuntimeError, TypeError) as e:  # a full disk, a permission
+            job.error = f"saving step {job.step} into {job.staging} failed on rank {rank}: {e}"
+
+    def _finish(self, job: _Pending) -> SaveResult:
+        """Every rank: agree that every rank's files are written, then rank 0 publishes the manifest."""
+        self.pending = None
+        _agree(job.error)
+        all_metas = [m for part in _all_gather(job.metas) for m in part]
+        entries: dict[str, Any] = {}
+        for part in _all_gather(job.entries):
+            entries.update(part)
+        error, final = None, None
+        if _rank() == 0:
+            try:
+                manifest = {**job.head, "state": build_index(all_metas), "files": entries}
+                final = publish(job.staging, manifest)
+                prune(self.root, self.ck.keep_last, self.ck.keep_every, protect=[final])
+            except (OSError, CheckpointError) as e:
+                error = f"publishing {job.staging} failed: {e}"
+        _agree(error)
+        final = Path(_broadcast(str(final)))
+        seconds = time.perf_counter() - job.t0
+        size = sum(e["bytes"] for e in entries.values())
+        return SaveResult(final, seconds, size, seconds if job.stall < 0 else job.stall, job.step)
+
+    def pending_done(self) -> bool:
+        """Whether this rank has no background save still writing (no collective)."""
+        return self.pending is None or self.pending.thread is None or not self.pending.thread.is_alive()
+
+    def finish_pending(self) -> SaveResult | None:
+        """Publish the background save once this rank's thread is done (every rank calls it together, after
+        agreeing that every rank's is)."""
+        job = self.pending
+        if job is None:
+            return None
+        if job.thread is not None:
+            job.thread.join()
+        return self._finish(job)
+
+    def wait(self) -> SaveResult | None:
+        """Block until a background save is written, then publish it (every rank)."""
+        return self.finish_pending()
+
+    def _manifest_head(self, trainer: Any) -> dict[str, Any]:
         return {
             "format": FORMAT_VERSION,
             "step": trainer.state.step,
             "tokens": trainer.state.tokens,
             "created": datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds"),
             "layout": layout_of(trainer),
-            "engine": engine_of(trainer) is not None,
             "config": to_dict(self.cfg),
             "versions": _versions(),
-            "files": files,
         }
 
     # ------------------------------------------------------------------------------------------------- load
@@ -244,17 +315,17 @@ class CheckpointManager:
             raise ConfigError("model", f"differs from the checkpoint {ckpt.path}: " + "; ".join(diffs))
 
     def check_compatible(self, trainer: Any, ckpt: Checkpoint) -> None:
-        """The model must be the one saved, and (until resharding exists) the layout too: ConfigError / CheckpointError
-        naming what differs."""
+        """The model and the optimizer must be the ones saved (ConfigError naming what differs); the layout may
+        differ (the state is resharded, see sharded.py)."""
         self.check_model(ckpt)
-        saved_layout, layout = ckpt.manifest["layout"], layout_of(trainer)
-        if saved_layout != layout or ckpt.manifest["engine"] != (engine_of(trainer) is not None):
-            raise CheckpointError(
-                f"{ckpt.path} was saved with layout {saved_layout}, this run has {layout}: resuming on another layout "
-                "is not supported yet; resume with the saved layout"
-            )
+        saved = ckpt.manifest["config"]["optim"]["name"]
+        if saved != self.cfg.optim.name:
+            raise ConfigError("optim.name", f"is {self.cfg.optim.name!r}, but {ckpt.path} holds the state of {saved!r}")
 
     def load(self, trainer: Any, ckpt: Checkpoint) -> None:
+        """Load ``ckpt`` into ``trainer`` on this rank, on the saved layout or another one. On another layout the
+        step, tokens, schedules and data position (a global sample index) come from rank 0's file, and so do the
+        RNG states: per-rank random streams cannot map onto other ranks."""
         rank, world = _rank(), _world()
         self.check_compatible(trainer, ckpt)
         error = None
@@ -265,23 +336,19 @@ class CheckpointManager:
             except CheckpointError as e:
                 error = str(e)
             _agree(error)
-        own_file = ckpt.path / TRAINER_DIR / f"rank{rank:05d}.pt"
+        same_layout = ckpt.manifest["layout"] == layout_of(trainer)
+        own_file = ckpt.path / TRAINER_DIR / f"rank{rank if same_layout else 0:05d}.pt"
         if not own_file.is_file():
-            raise CheckpointError(f"{own_file} is missing: the checkpoint has no state for rank {rank}")
+            raise CheckpointError(f"{own_file} is missing: the checkpoint has no trainer state for rank {rank}")
         own = torch.load(own_file, map_location="cpu", weights_only=True)
+        try:
+            load_state(trainer, ckpt.path, ckpt.manifest["state"])
+        except CheckpointError as e:
+            error = str(e)
+        _agree(error)
         engine = engine_of(trainer)
         if engine is not None:
-            path, _ = engine.load_checkpoint(
-                str(ckpt.path / ENGINE_DIR), tag=ENGINE_TAG, load_optimizer_states=True, load_lr_scheduler_states=False
-            )
-            if path is None:
-                raise CheckpointError(f"DeepSpeed found no checkpoint under {ckpt.path / ENGINE_DIR}")
-        else:
-            dev = trainer.device
-            trainer.model.load_state_dict(torch.load(ckpt.path / "model.pt", map_location=dev, weights_only=True))
-            trainer.optimizer.load_state_dict(
-                torch.load(ckpt.path / "optimizer.pt", map_location=dev, weights_only=True)
-            )
+            engine.global_steps = int(own["step"])  # DeepSpeed's own counter (logging, its timers)
         trainer.scheduler.load_state_dict(own["scheduler"])
         trainer.train_data.load_state_dict(own["data"])
         trainer.state.step, trainer.state.tokens = int(own["step"]), int(own["tokens"])

@@ -30,7 +30,7 @@ from tplus_dist.fsutil import fsync_dir
 MANIFEST = "manifest.json"
 LATEST = "latest"
 PARTIAL_PREFIX = ".partial-"
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2
 _CHUNK = 1 << 22
 
 

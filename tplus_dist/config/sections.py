@@ -335,6 +335,11 @@ class CheckpointConfig:
     or the path of a checkpoint (or of a checkpoints directory, whose latest is used)."""
     verify: bool = True
     """Check every file's size and checksum against the manifest before loading."""
+    background: bool | None = None
+    """Save interval checkpoints in the background: the step loop waits only while the state is copied to host
+    memory (the wait is logged as checkpoint_stall_s), a thread writes the files, and the checkpoint is
+    published at the first step end after every rank has written. Needs host memory for a second copy of this
+    rank's state. Saves on a signal and at the end wait for the files. null: on for CUDA runs, off on CPU."""
 
     def validate(self, prefix: str = "checkpoint") -> None:
         p = prefix + "."

@@ -174,6 +174,27 @@ def setup_layout(cfg: RunConfig, device: torch.device) -> Layout:
             "parallel.sequence_parallel",
             "is not built yet: the decoder runs tensor parallel with whole sequences on every rank; set it to false",
         )
+    if cfg.optim.name in ("adafactor", "soap"):
+        from tplus_dist.parallel.engine import use_bf16
+
+        # Both read each weight as a matrix (factored moments, Kronecker preconditioners, whole-tensor RMS):
+        # ZeRO 1-3 and DeepSpeed's bf16 optimizer hand the optimizer flat partitions, and a tensor-parallel
+        # slice is not the matrix, so only replicated fp32 parameters keep their meaning.
+        reason = (
+            f"zero_stage {dims.zero_stage} hands it flat partitions"
+            if dims.zero_stage
+            else f"tensor_parallel {dims.tp} hands it slices of each matrix"
+            if dims.tp > 1
+            else "bf16 under DeepSpeed hands it flat partitions"
+            if use_bf16(cfg, device.type)
+            else None
+        )
+        if reason:
+            raise ConfigError(
+                "optim.name",
+                f"{cfg.optim.name} works on whole matrices, but {reason}; on {world} processes use it with "
+                "parallel.zero_stage 0, parallel.tensor_parallel 1 and precision.dtype fp32, or use adamw",
+            )
     groups = init_process_groups(dims, backend="nccl" if device.type == "cuda" else "gloo")
     return Layout(world, env.rank, dims.dp, groups.dp_rank, groups)
 
@@ -316,7 +337,8 @@ def build_trainer(cfg: RunConfig, run_dir: Path | None = None, stop: Any = None)
     hooks: list[Hook] = [EvalHook(cfg.train.eval_interval)]  # every rank: ZeRO-3 forwards need all of them
     from tplus_dist.checkpoint.hook import CheckpointHook
 
-    hooks.append(CheckpointHook(manager, stop, verbose=layout.rank == 0))
+    background = cfg.checkpoint.background if cfg.checkpoint.background is not None else device.type == "cuda"
+    hooks.append(CheckpointHook(manager, stop, verbose=layout.rank == 0, background=background))
     if layout.rank == 0:
         writer = MetricsWriter(run_dir, tensorboard=cfg.log.tensorboard, purge_after=ckpt.step if ckpt else None)
         hooks += [MetricsFileHook(writer), ConsoleHook(cfg.train.log_interval, progress=cfg.log.progress)]
@@ -356,6 +378,22 @@ def build_trainer(cfg: RunConfig, run_dir: Path | None = None, stop: Any = None)
         manager.load(trainer, ckpt)
         if layout.rank == 0:
             print(f"tplus: resumed from {ckpt.path} (step {ckpt.step}, {trainer.state.tokens:,} tokens)", flush=True)
+            from tplus_dist.checkpoint.manager import layout_of
+
+            saved_layout, now_layout = ckpt.manifest["layout"], layout_of(trainer)
+            if saved_layout != now_layout:
+                t = ckpt.manifest["config"]["train"]
+                was = t["micro_batch_size"] * t["grad_accum"] * saved_layout["dp"]
+                now = cfg.train.micro_batch_size * cfg.train.grad_accum * layout.dp
+                note = (
+                    ""
+                    if was == now
+                    else (
+                        f"; the global batch changes from {was} to {now} sequences (micro_batch_size x grad_accum x "
+                        "data-parallel ranks): set train.grad_accum to keep it"
+                    )
+                )
+                print(f"tplus: resharded from layout {saved_layout} to {now_layout}{note}", flush=True)
     return trainer, run_dir
 
 
