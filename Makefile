@@ -30,6 +30,8 @@ lint: $(STAMP)
 	$(BIN)/ruff check .
 	$(BIN)/ruff format --check .
 	$(BIN)/mypy
+	$(BIN)/shellcheck slurm/*.sh slurm/*.sbatch launch/*.sh docker/*.sh
+	$(BIN)/hadolint docker/Dockerfile
 
 bench: $(STAMP)
 	$(BIN)/tplus bench --model gpt2-124m

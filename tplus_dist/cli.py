@@ -1,4 +1,4 @@
-"""`tplus`: train | bench | config | prepare."""
+"""`tplus`: train | config | verify-resume | export | launch | bench | prepare."""
 
 from __future__ import annotations
 
@@ -7,6 +7,7 @@ import sys
 
 from tplus_dist.checkpoint.store import CheckpointError
 from tplus_dist.config import ConfigError, load_config
+from tplus_dist.launch import LaunchError
 from tplus_dist.parallel.dims import LaunchEnvError
 
 USAGE = """tplus COMMAND [args]
@@ -23,6 +24,9 @@ commands:
   export CHECKPOINT --format hf|consolidated OUT [--family NAME]
                                            a checkpoint (under torchrun when distributed) as a Hugging Face
                                            folder (logits checked) or one safetensors file
+  launch [--launcher torchrun|deepspeed] [--nproc-per-node G] [...] [--dry-run] CONFIG [...]
+                                           start training on this node with torchrun or the deepspeed CLI,
+                                           the job's shape from SLURM or the options (once per node)
   bench [--model PRESET] [...]             forward+backward tokens/s beside a nanoGPT-style reference
   prepare --input PATH... --tokenizer SPEC --seq-len N --out DIR [...]
                                            tokenize documents into packed MDS shards (tplus prepare --help)
@@ -141,6 +145,16 @@ def cmd_verify_resume(argv: list[str]) -> int:
     return 0 if report.matches else 1
 
 
+def cmd_launch(argv: list[str]) -> int:
+    from tplus_dist.launch import USAGE as LAUNCH_USAGE
+    from tplus_dist.launch import main as launch_main
+
+    if not argv or argv[0] in ("-h", "--help"):
+        print(LAUNCH_USAGE)
+        return 0
+    return launch_main(argv)
+
+
 def cmd_export(argv: list[str]) -> int:
     fmt, family, positional, i = "hf", None, [], 0
     while i < len(argv):
@@ -176,6 +190,7 @@ COMMANDS = {
     "prepare": cmd_prepare,
     "verify-resume": cmd_verify_resume,
     "export": cmd_export,
+    "launch": cmd_launch,
 }
 
 
@@ -212,7 +227,7 @@ def main(argv: list[str] | None = None) -> int:
     except ConfigError as e:
         print(f"tplus: config error: {e}", file=sys.stderr)
         return 2
-    except LaunchEnvError as e:
+    except (LaunchEnvError, LaunchError) as e:
         print(f"tplus: launch error: {e}", file=sys.stderr)
         return 2
     except CheckpointError as e:
