@@ -8,6 +8,7 @@ import os
 import shutil
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -122,3 +123,32 @@ def test_a_tensor_parallel_checkpoint_exports_from_one_process_or_under_torchrun
     cfg, model = hf.load(tmp_path / "hf")  # the HF export checked its logits against the gathered model
     v = cfg.vocab_size  # (the vocabulary's padding rows come back as zeros)
     assert all(torch.equal(p[:v], flat[n][:v]) for n, p in model.state_dict().items())
+
+
+@pytest.mark.slow
+def test_tplus_launch_starts_two_nodes_through_a_torchrun_rendezvous(tmp_path: Path) -> None:
+    # Two "nodes" on this machine, one rank each, tensor parallel across them, as a 2-node job would run. The
+    # second gets its own /dev/shm (a mount namespace), as another machine would: streaming keeps per-node state
+    # there, and two node leaders on one /dev/shm would collide.
+    if os.geteuid() != 0 or shutil.which("unshare") is None:
+        pytest.skip("a second node's own /dev/shm needs root and unshare")
+    run_dir = tmp_path / "two-nodes"
+    port = str(free_port())
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    procs = []
+    for node in (1, 0):  # the second node first: it waits for the first one's rendezvous
+        cmd = [
+            sys.executable, "-m", "tplus_dist", "launch", "--nodes", "2", "--node-rank", str(node),
+            "--master-addr", "127.0.0.1", "--master-port", port, "--nproc-per-node", "1", "--connect-timeout", "120",
+            "configs/tiny.yaml", *BASE, *STEPS, "--parallel.tensor_parallel=2", f"--log.run_dir={run_dir}",
+        ]  # fmt: skip
+        if node == 1:
+            mount = 'mount -t tmpfs tmpfs /dev/shm && exec "$@"'
+            cmd = ["unshare", "--mount", "--propagation", "private", "sh", "-c", mount, "sh", *cmd]
+        procs.append(subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT))
+        time.sleep(2)
+    outs = [p.communicate(timeout=300)[0].decode() for p in procs]
+    assert all(p.returncode == 0 for p in procs), outs[0][-3000:] + outs[1][-3000:]
+    assert "tplus launch: 2 node(s) x 1 = 2 ranks (options); this is node 1" in outs[0]
+    rows = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    assert_close(single_losses(tmp_path), [(r["loss"], r["grad_norm"]) for r in rows if "loss" in r])

@@ -1,7 +1,7 @@
 """A real SLURM (Debian's slurm-wlm: slurmctld, slurmd, munge) on this machine, a one-node cluster with 2 CPUs:
-the project's own sbatch template runs 2 ranks on CPU through `tplus launch` and torchrun, gets the preemption
-signal mid-run, saves, requeues itself, and the requeued job resumes and finishes with the same losses as an
-uninterrupted run. The daemons this test starts are stopped by their pids at the end.
+the project's own sbatch template runs 2 ranks on CPU through `tplus launch` and torchrun or the deepspeed CLI,
+gets the preemption signal mid-run, saves, requeues itself, and the requeued job resumes and finishes with the same
+losses as an uninterrupted run. The daemons this test starts are stopped by their pids at the end.
 
 Needs root and slurm-wlm + munge installed (`.ci/run` installs them: `apt-get install slurm-wlm munge`); skipped
 otherwise, saying so."""
@@ -162,12 +162,13 @@ def metric_rows(run_dir: Path) -> list[list[Any]]:
     return [[r[k] for k in COMPARED] for r in rows if "loss" in r]
 
 
-def test_a_preempted_job_requeues_and_resumes_as_the_same_run(cluster: Cluster, tmp_path: Path) -> None:
+@pytest.mark.parametrize("launcher", ["torchrun", "deepspeed"])
+def test_a_preempted_job_requeues_and_resumes_as_the_same_run(cluster: Cluster, tmp_path: Path, launcher: str) -> None:
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     # the uninterrupted run, through the same launcher outside SLURM
     whole = tmp_path / "whole"
-    cmd = [sys.executable, "-m", "tplus_dist", "launch", "--nproc-per-node", "2", "--master-port", str(free_port()),
-           "configs/tiny.yaml", *RUN, f"--log.run_dir={whole}"]  # fmt: skip
+    cmd = [sys.executable, "-m", "tplus_dist", "launch", "--launcher", launcher, "--nproc-per-node", "2",
+           "--master-port", str(free_port()), "configs/tiny.yaml", *RUN, f"--log.run_dir={whole}"]  # fmt: skip
     proc = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-3000:]
     want = metric_rows(whole)
@@ -177,7 +178,7 @@ def test_a_preempted_job_requeues_and_resumes_as_the_same_run(cluster: Cluster, 
     log = tmp_path / "job.out"
     submit = [
         "sbatch", "--parsable", f"--chdir={ROOT}", f"--output={log}", "--job-name=tplus-test",
-        f"--export=ALL,NPROC_PER_NODE=2,TPLUS_PYTHON={sys.executable},OMP_NUM_THREADS=1",
+        f"--export=ALL,LAUNCHER={launcher},NPROC_PER_NODE=2,TPLUS_PYTHON={sys.executable},OMP_NUM_THREADS=1",
         "slurm/train-1node.sbatch", "configs/tiny.yaml", *RUN, f"--log.run_dir={run_dir}",
     ]  # fmt: skip
     job_id = cluster.run(*submit).strip().split(";")[0]
