@@ -132,6 +132,125 @@ def run_bench(
     }
 
 
+PROVIDERS = (
+    "torch-eager",
+    "torch-compile",
+    "nanogpt-eager",
+    "nanogpt-compile",
+    "te-bf16",
+    "te-fp8-delayed",
+    "te-fp8-current",
+    "te-fp8-block",
+)
+"""What the matrix mode measures: our decoder eager or compiled, the nanoGPT reference of the same shape, and
+Transformer Engine (bf16, FP8 recipes)."""
+
+
+def _unavailable(provider: str, device: torch.device) -> str | None:
+    if provider.startswith("te-"):
+        # Transformer Engine's layers need CUDA; the te provider is built and measured on an H100 (issue 6)
+        if device.type != "cuda":
+            return "Transformer Engine needs a CUDA device"
+        return "the te provider is not built yet: it is developed and measured on an H100 (issue 6)"
+    return None
+
+
+def _peak_memory(device: torch.device) -> float:
+    """GB: CUDA's peak allocation, or the process's peak resident size on CPU."""
+    if device.type == "cuda":
+        return torch.cuda.max_memory_allocated(device) / 1e9
+    import resource
+
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024 / 1e9
+
+
+def measure_one(
+    mcfg: ModelConfig,
+    provider: str,
+    batch_size: int,
+    seq_len: int,
+    steps: int,
+    repeats: int,
+    device: torch.device,
+    dtype: torch.dtype | None,
+) -> dict[str, object]:
+    """One configuration, in this process: tokens/s (median of repeats), TFLOP/s, MFU against the bf16 peak
+    (also under FP8, so rows compare) and peak memory."""
+    why = _unavailable(provider, device)
+    if why:
+        return {"provider": provider, "unavailable": why}
+    torch.manual_seed(0)
+    if provider.startswith("nanogpt"):
+        model: nn.Module = NanoGPT(mcfg.padded_vocab_size, mcfg.seq_len, mcfg.d_model, mcfg.n_layers, mcfg.n_heads)
+        flops = reference_flops_per_token(mcfg.padded_vocab_size, mcfg.d_model, mcfg.n_layers, seq_len)
+    else:
+        model = build_model(mcfg)
+        from tplus_dist.model.decoder import model_flops_per_token
+
+        flops = model_flops_per_token(mcfg, seq_len)
+    model = model.to(device)
+    if provider.endswith("-compile"):
+        model = torch.compile(model)  # type: ignore[assignment]
+    tokens = torch.randint(0, mcfg.vocab_size, (batch_size, seq_len), device=device)
+    targets = torch.randint(0, mcfg.vocab_size, (batch_size, seq_len), device=device)
+    step = _fwd_bwd(model, tokens, targets, dtype)
+    for _ in range(2):  # warm-up: allocator, kernels, compilation
+        step()
+    times = [_time_steps(step, steps, device) for _ in range(repeats)]
+    med = statistics.median(times)
+    tps = batch_size * seq_len / med
+    peak = device_peak_flops(device)
+    return {
+        "provider": provider,
+        "tokens_per_s": tps,
+        "step_s": med,
+        "tflops": tps * flops / 1e12,
+        "mfu": tps * flops / peak if peak else None,
+        "peak_memory_gb": _peak_memory(device),
+        "spread": (max(times) - min(times)) / med,
+    }
+
+
+def run_matrix(models: list[str], providers: list[str], passthrough: list[str]) -> list[dict[str, object]]:
+    """Each (model, provider) in its own process (a fresh allocator, compile cache and peak-memory count), one
+    after the other; returns their result rows."""
+    import json
+    import subprocess
+    import sys
+
+    rows = []
+    for model in models:
+        for provider in providers:
+            cmd = [sys.executable, "-m", "tplus_dist", "bench", "--model", model, "--provider", provider, "--json",
+                   *passthrough]  # fmt: skip
+            proc = subprocess.run(cmd, capture_output=True, text=True)
+            lines = [line for line in proc.stdout.splitlines() if line.startswith("{")]
+            if proc.returncode != 0 or not lines:
+                tail = (proc.stderr.strip().splitlines() or ["(no output)"])[-1]
+                row: dict[str, object] = {"provider": provider, "unavailable": f"failed: {tail}"}
+            else:
+                row = json.loads(lines[-1])
+            row["model"] = model
+            rows.append(row)
+            print(_row_text(row), flush=True)
+    return rows
+
+
+_HEADER = f"{'model':<14}{'provider':<17}{'tokens/s':>12}{'step s':>9}{'TFLOP/s':>9}{'MFU':>7}{'peak GB':>9}"
+
+
+def _row_text(row: dict[str, object]) -> str:
+    head = f"{row['model']!s:<14}{row['provider']!s:<17}"
+    if "unavailable" in row:
+        return f"{head}unavailable: {row['unavailable']}"
+    mfu = row["mfu"]
+    mfu_text = f"{100 * mfu:.1f}%" if isinstance(mfu, float) else "-"
+    return (
+        f"{head}{float(row['tokens_per_s']):>12,.0f}{float(row['step_s']):>9.3f}"  # type: ignore[arg-type]
+        f"{float(row['tflops']):>9.3f}{mfu_text:>7}{float(row['peak_memory_gb']):>9.2f}"  # type: ignore[arg-type]
+    )
+
+
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(prog="tplus bench", description=__doc__)
     ap.add_argument("--model", default="gpt2-124m", help="preset name in configs/models or a YAML path")
@@ -143,7 +262,25 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--dtype", choices=["auto", "fp32", "bf16"], default="auto")
     ap.add_argument("--compile", action="store_true", help="torch.compile both models")
     ap.add_argument("--device", default="auto")
+    ap.add_argument(
+        "--provider",
+        default=None,
+        help="comma-separated, one process per (model, provider), a table at the end: " + ", ".join(PROVIDERS),
+    )
+    ap.add_argument("--json", action="store_true", help=argparse.SUPPRESS)  # one configuration as a JSON line
     args, overrides = ap.parse_known_args(argv)
+    models = args.model.split(",")
+    if args.provider is not None:
+        providers = args.provider.split(",")
+        bad = [p for p in providers if p not in PROVIDERS]
+        if bad:
+            raise ValueError(f"--provider {','.join(bad)}: not one of {', '.join(PROVIDERS)}")
+        if len(models) > 1 or len(providers) > 1 or not args.json:
+            passthrough = _drop_values(argv or [], ("--model", "--provider"))
+            print(_HEADER, flush=True)
+            rows = run_matrix(models, providers, passthrough)
+            _print_matrix(rows, args)
+            return 0
     device = torch.device(args.device if args.device != "auto" else ("cuda" if torch.cuda.is_available() else "cpu"))
     path = args.model if args.model.endswith((".yaml", ".yml")) else f"models/{args.model}.yaml"
     extra = [f"--model.n_layers={args.n_layers}"] if args.n_layers else []
@@ -153,6 +290,12 @@ def main(argv: list[str] | None = None) -> int:
     dtype = {"fp32": None, "bf16": torch.bfloat16, "auto": torch.bfloat16 if device.type == "cuda" else None}[
         args.dtype
     ]
+    if args.json:
+        import json
+
+        one = measure_one(mcfg, args.provider, bs, seq, args.steps, args.repeats, device, dtype)
+        print(json.dumps({**one, "batch": bs, "seq": seq, "dtype": str(dtype or torch.float32)}), flush=True)
+        return 0
     r = run_bench(mcfg, bs, seq, args.steps, args.repeats, device, dtype, args.compile)
     peak = device_peak_flops(device)
     name = torch.cuda.get_device_name(device) if device.type == "cuda" else f"cpu ({torch.get_num_threads()} threads)"
@@ -171,3 +314,30 @@ def main(argv: list[str] | None = None) -> int:
         )
     print(f"time ratio (tplus / reference): {r['time_ratio']:.3f}")
     return 0
+
+
+def _drop_values(argv: list[str], keys: tuple[str, ...]) -> list[str]:
+    """argv without ``--key value`` / ``--key=value`` for the given keys."""
+    out, skip = [], False
+    for a in argv:
+        if skip:
+            skip = False
+            continue
+        key = a.split("=")[0]
+        if key in keys:
+            skip = "=" not in a
+            continue
+        out.append(a)
+    return out
+
+
+def _print_matrix(rows: list[dict[str, object]], args: argparse.Namespace) -> None:
+    device = "cuda" if torch.cuda.is_available() and args.device in ("auto", "cuda") else "cpu"
+    name = torch.cuda.get_device_name() if device == "cuda" else f"cpu ({torch.get_num_threads()} threads)"
+    first = next((r for r in rows if "unavailable" not in r), None)
+    shape = f"batch {first['batch']} x seq {first['seq']}, {first['dtype']}" if first else ""
+    print(f"\n{time.strftime('%Y-%m-%d')}; device {name}; torch {torch.__version__}; {shape}; median of "
+          f"{args.repeats} x {args.steps} steps; MFU against the bf16 dense peak (also for FP8 rows)")  # fmt: skip
+    print(_HEADER)
+    for row in rows:
+        print(_row_text(row))

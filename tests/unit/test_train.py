@@ -312,3 +312,23 @@ def test_truncated_shard_stops_the_run_before_anything_is_written(
     err = capsys.readouterr().err
     assert victim.name in err and "truncated" in err
     assert not (tmp_path / "x").exists()
+
+
+@pytest.mark.slow
+def test_bench_matrix_runs_each_configuration_in_its_own_process_and_prints_a_table(
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    from tplus_dist.bench import main as bench
+
+    args = ["--model", "tiny", "--provider", "torch-eager,nanogpt-eager,te-bf16", "--n-layers", "1",
+            "--seq-len", "32", "--batch-size", "2", "--steps", "1", "--repeats", "1"]  # fmt: skip
+    assert bench(args) == 0
+    out = capsys.readouterr().out
+    table = out[out.index("MFU against the bf16 dense peak") :].splitlines()[1:]
+    assert table[0].split() == ["model", "provider", "tokens/s", "step", "s", "TFLOP/s", "MFU", "peak", "GB"]
+    rows = {line.split()[1]: line for line in table[1:]}
+    assert set(rows) == {"torch-eager", "nanogpt-eager", "te-bf16"}
+    assert float(rows["torch-eager"].split()[2].replace(",", "")) > 0  # measured tokens/s
+    assert "unavailable: Transformer Engine needs a CUDA device" in rows["te-bf16"]
+    with pytest.raises(ValueError, match="--provider te-fp9: not one of"):
+        bench(["--model", "tiny", "--provider", "te-fp9"])
