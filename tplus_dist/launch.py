@@ -27,7 +27,6 @@ from __future__ import annotations
 import os
 import re
 import shlex
-import shutil
 import signal
 import socket
 import sys
@@ -206,11 +205,13 @@ def build_command(
             "-m", "tplus_dist.train", config, *overrides,
         ]  # fmt: skip
     if launcher == "deepspeed":
-        exe = shutil.which("deepspeed") or "deepspeed"
         assert hostfile is not None
+        # the deepspeed CLI is this module; run it with this interpreter (no PATH lookup: inside a job or a
+        # container the environment's bin directory is often not on PATH)
         return [
-            exe, f"--hostfile={hostfile}", "--no_ssh", f"--node_rank={shape.node_rank}",
-            f"--master_addr={shape.master_addr}", f"--master_port={shape.master_port}",
+            sys.executable, "-m", "deepspeed.launcher.runner", f"--hostfile={hostfile}", "--no_ssh",
+            f"--node_rank={shape.node_rank}", f"--master_addr={shape.master_addr}",
+            f"--master_port={shape.master_port}",
             "--module", "tplus_dist.train", config, *overrides,
         ]  # fmt: skip
     raise LaunchError(f"--launcher must be torchrun or deepspeed, got {launcher!r}")

@@ -192,6 +192,10 @@ def test_a_preempted_job_requeues_and_resumes_as_the_same_run(cluster: Cluster, 
     # requeued: pending again (SLURM holds a requeued job ~2 minutes; release it now)
     _wait("the requeue", lambda: int(cluster.job(job_id).get("Restarts", "0")) >= 1, 300)
     _wait("the requeued job to be pending", lambda: cluster.job(job_id)["JobState"] == "PENDING", 120)
+    # slurmd refuses a job whose start is not later than its revoked credential (same second): wait for the node
+    # to be idle again and a moment more before releasing it
+    _wait("the node to be idle", lambda: cluster._sinfo().strip() == "idle", 120)
+    time.sleep(2)
     cluster.run("scontrol", "update", f"JobId={job_id}", "StartTime=now")
     state = _wait(
         "the requeued job to finish",

@@ -49,6 +49,7 @@ def test_torchrun_rendezvous_and_deepspeed_hostfile_commands(tmp_path):
     assert "--nnodes=3" in cmd and "--nproc-per-node=8" in cmd and "--rdzv-endpoint=gpu003:33742" in cmd
     assert "--rdzv-id=4242" in cmd and cmd[-4:] == ["-m", "tplus_dist.train", "cfg.yaml", "--train.steps=5"]
     ds = build_command("deepspeed", shape, "cfg.yaml", [], tmp_path / "hosts")
+    assert ds[1:3] == ["-m", "deepspeed.launcher.runner"]  # the deepspeed CLI, by this interpreter
     assert "--no_ssh" in ds and "--node_rank=1" in ds and "--master_addr=gpu003" in ds
     assert ds[-3:] == ["--module", "tplus_dist.train", "cfg.yaml"]
 
