@@ -54,6 +54,19 @@ def test_tensor_pipeline_layout_equals_one_process(tmp_path: Path) -> None:
 
 
 @pytest.mark.slow
+def test_relative_bias_tables_per_layer_split_over_stages_and_heads(tmp_path: Path) -> None:
+    # a T5 relative-bias table per layer: each stage holds its layers' tables, each TP rank its heads' columns
+    model = ["--model.position=t5_bias", "--model.t5_bias_shared=false", "--model.n_kv_heads=2"]
+    compare(
+        single(tmp_path, "--train.grad_accum=2", *model),
+        distributed(
+            tmp_path, 4, "--train.grad_accum=2", "--parallel.pipeline_parallel=2", "--parallel.tensor_parallel=2",
+            *model,
+        ),
+    )  # fmt: skip
+
+
+@pytest.mark.slow
 @pytest.mark.parametrize("zero", [0, 1])
 def test_interleaved_pipeline_equals_one_process(tmp_path: Path, zero: int) -> None:
     # 4 layers in 4 chunks: rank 0 holds layers 0 and 2, rank 1 layers 1 and 3; the tied embedding spans ranks

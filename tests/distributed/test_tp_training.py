@@ -114,6 +114,15 @@ CHOICES = {
         "--model.qk_norm=layernorm",
         "--model.norm_bias=true",
     ],
+    "zipformer-biasnorm-swoosh": ["--model.norm=biasnorm", "--model.activation=swooshl", "--model.n_kv_heads=2"],
+    "shaw-gqa": ["--model.position=shaw", "--model.shaw_max_distance=8", "--model.n_kv_heads=2"],
+    "t5-bias-shared": ["--model.position=t5_bias", "--model.t5_bias_buckets=8", "--model.t5_bias_max_distance=32"],
+    "t5-bias-per-layer-windowed": [
+        "--model.position=t5_bias",
+        "--model.t5_bias_shared=false",
+        "--model.sliding_window=16",
+        "--model.layer_pattern=[local, global]",
+    ],
 }
 
 

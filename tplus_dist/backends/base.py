@@ -44,6 +44,16 @@ class LayerProvider(Protocol):
         head)."""
         ...
 
+    def head_table(self, rows: int, n_heads: int) -> nn.Parameter:
+        """A [rows, n_heads / tp_size] parameter: a per-head table (relative-position biases) of this rank's heads,
+        uninitialized (model/init.py draws it whole and keeps the slice)."""
+        ...
+
+    def across_heads(self) -> nn.Module | None:
+        """Applied to a parameter every head uses (Shaw's relative embeddings) before use: under tensor
+        parallelism each rank's heads give part of its gradient, so it sums the gradient over the ranks."""
+        ...
+
     def attention_core(self, cfg: ModelConfig, layer: int) -> nn.Module:
         """softmax(q k^T) v over this rank's heads: q [b, h/tp, s, d], k/v [b, kv_local, s, d]."""
         ...

@@ -116,6 +116,15 @@ class MegatronProvider:
         _mark(m.weight, 0, self.tp_rank, self.tp_size)
         return m
 
+    def head_table(self, rows: int, n_heads: int) -> nn.Parameter:
+        # this rank's heads' columns; each rank's gradient is its own (its heads' logits), as a column-parallel weight
+        p = nn.Parameter(torch.empty(rows, n_heads // self.tp_size))
+        _mark(p, 1, self.tp_rank, self.tp_size)
+        return p
+
+    def across_heads(self) -> nn.Module | None:
+        return SumGradOverTP(self.group)
+
     def attention_core(self, cfg: ModelConfig, layer: int) -> nn.Module:
         per = cfg.n_heads // self.tp_size
         return AttentionCore(cfg, layer, heads=range(self.tp_rank * per, (self.tp_rank + 1) * per))

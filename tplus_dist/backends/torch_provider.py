@@ -33,6 +33,12 @@ class TorchProvider:
     def embedding(self, num_embeddings: int, dim: int) -> nn.Module:
         return nn.Embedding(num_embeddings, dim)
 
+    def head_table(self, rows: int, n_heads: int) -> nn.Parameter:
+        return nn.Parameter(torch.empty(rows, n_heads))
+
+    def across_heads(self) -> nn.Module | None:
+        return None
+
     def attention_core(self, cfg: ModelConfig, layer: int) -> nn.Module:
         return AttentionCore(cfg, layer)
 

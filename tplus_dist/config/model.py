@@ -8,14 +8,17 @@ from typing import Literal
 
 from tplus_dist.config.base import check
 
-NormKind = Literal["layernorm", "rmsnorm"]
+NormKind = Literal["layernorm", "rmsnorm", "biasnorm"]
 NormPlacement = Literal["pre", "post", "sandwich"]
-PositionKind = Literal["learned", "sinusoidal", "rope", "alibi", "none"]
+PositionKind = Literal["learned", "sinusoidal", "rope", "alibi", "t5_bias", "shaw", "none"]
 QKNormKind = Literal["none", "rmsnorm", "layernorm"]
-Activation = Literal["gelu", "gelu_tanh", "relu", "silu", "swiglu", "geglu", "geglu_tanh", "reglu"]
+Activation = Literal[
+    "gelu", "gelu_tanh", "relu", "silu", "swooshr", "swooshl", "swiglu", "geglu", "geglu_tanh", "reglu"
+]
 GATED_ACTIVATIONS = ("swiglu", "geglu", "geglu_tanh", "reglu")
 BlockKind = Literal["serial", "parallel"]
 InitKind = Literal["gpt2", "t5", "mup"]
+AdaLNKind = Literal["none", "adaln", "adaln_zero"]
 LayerAttention = Literal["global", "local"]
 
 
@@ -50,7 +53,8 @@ class ModelConfig:
 
     # -- normalization
     norm: NormKind = "rmsnorm"
-    """rmsnorm (Llama, Gemma: no mean, cheaper) or layernorm (GPT-2)."""
+    """rmsnorm (Llama, Gemma: no mean, cheaper), layernorm (GPT-2), or biasnorm (Zipformer: x / RMS(x - b) * exp(s),
+    a learned channel bias b and one learned log-scale s)."""
     norm_eps: float = 1e-5
     """Added to the variance inside every norm."""
     norm_bias: bool = False
@@ -67,11 +71,22 @@ class ModelConfig:
 
     # -- positions
     position: PositionKind = "rope"
-    """learned (GPT-2), sinusoidal (Vaswani), rope (Su; Llama), alibi (Press; BLOOM), or none (NoPE)."""
+    """learned (GPT-2), sinusoidal (Vaswani), rope (Su; Llama), alibi (Press; BLOOM), t5_bias (T5's learned
+    per-head bias over log-spaced distance buckets, causal), shaw (Shaw et al. 2018: learned embeddings of the
+    clipped distance added to the keys and the values inside attention, per layer), or none (NoPE)."""
     rope_theta: float = 10000.0
     """RoPE base: wavelengths span 2*pi .. 2*pi*theta."""
     rope_fraction: float = 1.0
     """Fraction of head_dim rotated by RoPE (GPT-NeoX, Phi use partial rotary)."""
+    t5_bias_buckets: int = 32
+    """t5_bias: distance buckets; the first half are exact distances 0 .. buckets/2 - 1."""
+    t5_bias_max_distance: int = 128
+    """t5_bias: the rest are log-spaced up to this distance; farther keys share the last bucket."""
+    t5_bias_shared: bool = True
+    """t5_bias: one table for all layers (T5) or one per layer."""
+    shaw_max_distance: int = 16
+    """shaw: distances are clipped to this (Shaw et al.'s k); each layer learns k + 1 key and k + 1 value
+    embeddings of head_dim (causal: distances 0 .. k)."""
 
     # -- attention
     qk_norm: QKNormKind = "none"
@@ -89,7 +104,18 @@ class ModelConfig:
 
     # -- feed-forward
     activation: Activation = "swiglu"
-    """gelu, gelu_tanh, relu, silu (ungated), or the gated swiglu, geglu, geglu_tanh, reglu (Shazeer 2020)."""
+    """gelu, gelu_tanh, relu, silu, swooshr, swooshl (ungated; the Swoosh pair is Zipformer's:
+    log(1 + e^(x-1)) - 0.08x - 0.313261687 and log(1 + e^(x-4)) - 0.08x - 0.035), or the gated swiglu, geglu,
+    geglu_tanh, reglu (Shazeer 2020)."""
+
+    # -- conditioning
+    adaln: AdaLNKind = "none"
+    """Adaptive LayerNorm (DiT, Peebles & Xie 2023) from a per-sequence label: adaln predicts each pre-norm's scale
+    and shift from the label's embedding, norm(x) * (1 + scale) + shift; adaln_zero also a gate on each residual
+    branch, (1 + gate) * branch. The predicting linears start at zero, so at initialisation (and for any sequence
+    given no label) the model is exactly the plain one. Needs norm_placement pre and n_conditions."""
+    n_conditions: int = 0
+    """adaln: the number of labels (0 .. n_conditions - 1), each with a learned d_model embedding."""
 
     # -- biases
     linear_bias: bool = False
@@ -214,6 +240,27 @@ class ModelConfig:
                 f"RoPE rotates pairs of dimensions, so head_dim must be even, got {self.dim_head}",
             )
             check(self.rope_dim > 0, p + "rope_fraction", "rotates no dimension of head_dim")
+        if self.position == "t5_bias":
+            check(self.t5_bias_buckets >= 2, p + "t5_bias_buckets", f"must be at least 2, got {self.t5_bias_buckets}")
+            check(
+                self.t5_bias_max_distance > self.t5_bias_buckets // 2,
+                p + "t5_bias_max_distance",
+                f"({self.t5_bias_max_distance}) must exceed t5_bias_buckets / 2 ({self.t5_bias_buckets // 2}), "
+                "where the log-spaced buckets begin",
+            )
+        if self.adaln != "none":
+            check(self.n_conditions >= 1, p + "n_conditions", f"must be at least 1 with adaln {self.adaln!r}, got 0")
+            check(
+                self.norm_placement == "pre",
+                p + "norm_placement",
+                f"adaln modulates the pre-norms; {self.norm_placement!r} is not supported with it",
+            )
+        if self.position == "shaw":
+            check(
+                self.shaw_max_distance >= 1,
+                p + "shaw_max_distance",
+                f"must be at least 1, got {self.shaw_max_distance}",
+            )
         if self.position == "sinusoidal":
             check(self.d_model % 2 == 0, p + "d_model", "sinusoidal positions need an even d_model")
         check(self.softmax_scale is None or self.softmax_scale > 0, p + "softmax_scale", "must be positive")

@@ -16,8 +16,10 @@ if TYPE_CHECKING:
 class OptimConfig:
     """Optimizer recipe. Defaults are the GPT-3 / Llama recipe."""
 
-    name: Literal["adamw", "adafactor", "soap"] = "adamw"
-    """adamw (Loshchilov & Hutter), adafactor (Shazeer & Stern, as PaLM ran it), or soap (Vyas et al. 2024)."""
+    name: Literal["adamw", "adafactor", "soap", "scaled_adam"] = "adamw"
+    """adamw (Loshchilov & Hutter), adafactor (Shazeer & Stern, as PaLM ran it), soap (Vyas et al. 2024), or
+    scaled_adam (Zipformer's ScaledAdam: Adam steps scaled by each tensor's RMS, plus a learned scale per tensor;
+    no weight decay)."""
     lr: float = 3e-4
     """Peak learning rate (under muP: the base-width rate; hidden matrices get lr / width_mult).
     Adafactor with adafactor_scale_parameter: the relative step size, multiplied by RMS(param) (PaLM: 1e-2)."""
@@ -52,6 +54,13 @@ class OptimConfig:
     """SOAP: EMA decay of the Shampoo statistics L = E[G G^T], R = E[G^T G]."""
     soap_max_precond_dim: int = 4096
     """Dimensions larger than this are not preconditioned (identity); bounds memory."""
+    # ScaledAdam (Yao et al. 2023, Zipformer)
+    scaled_adam_scalar_lr_scale: float = 0.1
+    """ScaledAdam: the learning-rate factor of each tensor's scale and of scalar parameters."""
+    scaled_adam_param_min_rms: float = 1e-5
+    """ScaledAdam: a tensor's RMS is taken as at least this (and grows when below it)."""
+    scaled_adam_param_max_rms: float = 3.0
+    """ScaledAdam: a tensor whose RMS exceeds this is shrunk."""
 
     def validate(self, prefix: str = "optim") -> None:
         p = prefix + "."
@@ -68,6 +77,12 @@ class OptimConfig:
             f"must be in [0, 1) or null, got {self.adafactor_momentum}",
         )
         check(self.soap_precondition_frequency > 0, p + "soap_precondition_frequency", "must be positive")
+        check(self.scaled_adam_scalar_lr_scale > 0, p + "scaled_adam_scalar_lr_scale", "must be positive")
+        check(
+            0 < self.scaled_adam_param_min_rms < self.scaled_adam_param_max_rms,
+            p + "scaled_adam_param_min_rms",
+            f"must be positive and below scaled_adam_param_max_rms ({self.scaled_adam_param_max_rms})",
+        )
         beta = self.soap_shampoo_beta
         check(0 <= beta < 1, p + "soap_shampoo_beta", f"must be in [0, 1), got {beta}")
         check(self.soap_max_precond_dim > 0, p + "soap_max_precond_dim", "must be positive")
@@ -77,9 +92,10 @@ class OptimConfig:
 class ScheduleConfig:
     """Learning-rate schedule. Counted in optimizer steps."""
 
-    name: Literal["cosine", "wsd", "constant"] = "cosine"
+    name: Literal["cosine", "wsd", "constant", "inverse_sqrt"] = "cosine"
     """cosine: linear warmup then cosine to min_lr. wsd: warmup, stable, then decay (MiniCPM).
-    constant: warmup then flat."""
+    constant: warmup then flat. inverse_sqrt: warmup then peak * sqrt(warmup / step) (Vaswani et al., ESPnet's
+    "Noam"), not below min_lr."""
     warmup_steps: int = 100
     """Linear warmup from peak/warmup_steps to the peak optim.lr."""
     decay_steps: int | None = None
@@ -104,6 +120,14 @@ class ScheduleConfig:
         check(self.warmup_tokens >= 0, p + "warmup_tokens", f"must be >= 0, got {self.warmup_tokens}")
         check(self.decay_tokens is None or self.decay_tokens > 0, p + "decay_tokens", "must be positive")
         check(0 < self.wsd_decay_fraction <= 1, p + "wsd_decay_fraction", "must be in (0, 1]")
+        warmup, field = (
+            (self.warmup_tokens, "warmup_tokens") if self.unit == "tokens" else (self.warmup_steps, "warmup_steps")
+        )
+        check(
+            self.name != "inverse_sqrt" or warmup > 0,
+            p + field,
+            "must be positive for inverse_sqrt: its decay is peak * sqrt(warmup / step)",
+        )
 
 
 @dataclass
@@ -299,6 +323,18 @@ class ParallelConfig:
             "model.pad_vocab_multiple",
             f"the padded vocabulary ({vocab} rows) is not divisible by tensor_parallel {tp}: "
             f"set pad_vocab_multiple to {math.lcm(m, tp)} (a multiple of both {m} and {tp})",
+        )
+        check(
+            not (pp > 1 and model.position == "t5_bias" and model.t5_bias_shared),
+            "model.t5_bias_shared",
+            f"one relative-bias table shared by every layer cannot be split over pipeline_parallel {pp} stages; "
+            "set model.t5_bias_shared to false (a table per layer)",
+        )
+        check(
+            not (pp > 1 and model.adaln != "none"),
+            "model.adaln",
+            f"the per-sequence condition does not travel between pipeline stages yet; use pipeline_parallel 1 "
+            f"(got {pp}) with adaln",
         )
         chunks = pp * (self.virtual_pipeline_stages or 1)
         where = "virtual_pipeline_stages" if self.virtual_pipeline_stages else "pipeline_parallel"

@@ -11,7 +11,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from tplus_dist.model.norms import make_norm
-from tplus_dist.model.positions import Rotary, alibi_bias, alibi_slopes
+from tplus_dist.model.positions import Rotary, ShawRelative, T5RelativeBias, alibi_bias, alibi_slopes
 
 if TYPE_CHECKING:
     from tplus_dist.backends.base import LayerProvider, LinearRole
@@ -52,24 +52,43 @@ class AttentionCore(nn.Module):
         if self.alibi:
             slopes = alibi_slopes(cfg.n_heads)[heads.start : heads.stop].contiguous()
             self.register_buffer("slopes", slopes, persistent=False)
-        # SDPA's kernels cover scale, masks, additive biases and GQA, not softcap or off-by-one
-        self.use_sdpa = self.softcap is None and not self.off_by_one
+        # a T5 relative bias of this layer's own (t5_bias_shared false); a shared one comes as forward's ``bias``
+        self.rel_bias: T5RelativeBias | None = None
+        self.shaw: ShawRelative | None = None  # set by Attention (position shaw)
+        # SDPA's kernels cover scale, masks, additive biases and GQA, not softcap, off-by-one or Shaw's values
+        self.use_sdpa = self.softcap is None and not self.off_by_one and cfg.position != "shaw"
 
-    def _bias(self, s: int, device: torch.device, dtype: torch.dtype) -> torch.Tensor | None:
+    def _learned(
+        self, s: int, device: torch.device, dtype: torch.dtype, shared: torch.Tensor | None
+    ) -> torch.Tensor | None:
+        """The learned relative bias [h, s, s] (this layer's own, or the shared one), or None."""
+        if self.rel_bias is not None:
+            return self.rel_bias(s, device, dtype)
+        return shared.to(dtype) if shared is not None else None
+
+    def _bias(
+        self, s: int, device: torch.device, dtype: torch.dtype, learned: torch.Tensor | None = None
+    ) -> torch.Tensor | None:
         """Float [h|1, s, s] additive mask (-inf where hidden), or None for the plain causal case."""
-        if not self.alibi and self.window is None:
+        if not self.alibi and self.window is None and learned is None:
             return None
         keep = attention_mask(s, self.window, device)
         bias = torch.zeros(s, s, device=device, dtype=dtype).masked_fill(~keep, float("-inf"))
         if self.alibi:
             bias = bias + alibi_bias(self.slopes, s).to(device=device, dtype=dtype)
+        if learned is not None:
+            bias = bias + learned
         return bias
 
-    def forward(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+    def forward(
+        self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, bias: torch.Tensor | None = None
+    ) -> torch.Tensor:
+        """``bias``: a relative bias [h, s, s] shared by every layer (T5), added to the logits."""
         s = q.shape[-2]
         dropout = self.dropout if self.training else 0.0
+        learned = self._learned(s, q.device, q.dtype, bias)
         if self.use_sdpa:
-            bias = self._bias(s, q.device, q.dtype)
+            bias = self._bias(s, q.device, q.dtype, learned)
             return F.scaled_dot_product_attention(
                 q,
                 k,
@@ -80,20 +99,32 @@ class AttentionCore(nn.Module):
                 scale=self.scale,
                 enable_gqa=k.shape[1] != q.shape[1],
             )
-        return self.exact(q, k, v, dropout)
+        return self.exact(q, k, v, dropout, learned)
 
-    def exact(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, dropout: float = 0.0) -> torch.Tensor:
+    def exact(
+        self,
+        q: torch.Tensor,
+        k: torch.Tensor,
+        v: torch.Tensor,
+        dropout: float = 0.0,
+        learned: torch.Tensor | None = None,
+    ) -> torch.Tensor:
         s = q.shape[-2]
         if k.shape[1] != q.shape[1]:
             rep = q.shape[1] // k.shape[1]
             k = k.repeat_interleave(rep, dim=1)
             v = v.repeat_interleave(rep, dim=1)
         scores = q @ k.transpose(-2, -1)
+        idx = self.shaw.distances(s, q.device) if self.shaw is not None else None
+        if self.shaw is not None and idx is not None:
+            scores = scores + self.shaw.key_logits(q, idx)
         scores = scores.to(torch.promote_types(scores.dtype, torch.float32)) * self.scale  # fp64 stays fp64
         if self.softcap is not None:  # Gemma 2 caps before the bias and mask
             scores = softcap(scores, self.softcap)
         if self.alibi:
             scores = scores + alibi_bias(self.slopes, s).to(scores.device)
+        if learned is not None:
+            scores = scores + learned.to(scores.dtype)
         keep = attention_mask(s, self.window, q.device)
         scores = scores.masked_fill(~keep, float("-inf"))
         if self.off_by_one:
@@ -106,7 +137,10 @@ class AttentionCore(nn.Module):
         probs = probs.type_as(q)
         if dropout > 0:
             probs = F.dropout(probs, dropout)
-        return probs @ v
+        out = probs @ v
+        if self.shaw is not None and idx is not None:
+            out = out + self.shaw.value_sum(probs, idx)
+        return out
 
 
 class Attention(nn.Module):
@@ -132,8 +166,15 @@ class Attention(nn.Module):
             self.k_norm = make_norm(provider, cfg, cfg.dim_head, cfg.qk_norm, per_head=True)
         self.rotary = rotary
         self.core = provider.attention_core(cfg, layer)
+        if cfg.position == "shaw":
+            self.core.shaw = ShawRelative(cfg.shaw_max_distance, cfg.dim_head, provider.across_heads())
+        if cfg.position == "t5_bias" and not cfg.t5_bias_shared:
+            self.core.rel_bias = T5RelativeBias(
+                provider.head_table(cfg.t5_bias_buckets, cfg.n_heads), cfg.t5_bias_buckets, cfg.t5_bias_max_distance
+            )
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
+        """``bias``: the shared relative bias [h, s, s], if the model has one."""
         b, s, _ = x.shape
         q = self.wq(x).view(b, s, -1, self.head_dim)
         k = self.wk(x).view(b, s, -1, self.head_dim)
@@ -145,5 +186,5 @@ class Attention(nn.Module):
         q, k, v = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)
         if self.rotary is not None:
             q, k = self.rotary(q), self.rotary(k)
-        out = self.core(q, k, v)
+        out = self.core(q, k, v, bias) if bias is not None else self.core(q, k, v)
         return self.wo(out.transpose(1, 2).reshape(b, s, -1))

@@ -43,25 +43,56 @@ class Block(nn.Module):
             if self.parallel:  # the MLP reads norm1's output, so norm2 is its post-norm
                 self.norm2 = None
         self.dropout = cfg.resid_dropout
+        # adaLN: shift and scale per pre-norm (one norm for a parallel block), plus a gate per branch (adaln_zero)
+        self.gated = cfg.adaln == "adaln_zero"
+        n_mod = 0
+        if cfg.adaln != "none":
+            n_mod = (2 if self.parallel else 4) + (2 if self.gated else 0)
+        # whole on every rank: its input (the condition) and its uses (the whole hidden state) are replicated
+        self.ada = nn.Linear(cfg.d_model, n_mod * cfg.d_model) if n_mod else None
+
+    def _modulated(self, x: torch.Tensor, cond: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+        """Pre-norm blocks under adaLN: norm(x) * (1 + scale) + shift, (1 + gate) * branch."""
+        assert self.ada is not None
+        m = self.ada(F.silu(cond)).unsqueeze(1).chunk(self.ada.out_features // x.shape[-1], dim=-1)
+        if self.parallel:
+            shift, scale, *gates = m
+            h = self.norm1(x) * (1 + scale) + shift
+            a, f = self._drop(self.attn(h, bias)), self._drop(self.mlp(h))
+            if gates:
+                a, f = a * (1 + gates[0]), f * (1 + gates[1])
+            return x + a + f
+        assert self.norm2 is not None
+        shift1, scale1, shift2, scale2, *gates = m
+        a = self._drop(self.attn(self.norm1(x) * (1 + scale1) + shift1, bias))
+        x = x + (a * (1 + gates[0]) if gates else a)
+        f = self._drop(self.mlp(self.norm2(x) * (1 + scale2) + shift2))
+        return x + (f * (1 + gates[1]) if gates else f)
 
     def _drop(self, x: torch.Tensor) -> torch.Tensor:
         return F.dropout(x, self.dropout, self.training) if self.dropout > 0 else x
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def forward(
+        self, x: torch.Tensor, bias: torch.Tensor | None = None, cond: torch.Tensor | None = None
+    ) -> torch.Tensor:
+        """``bias``: a relative bias shared by every layer (T5), passed to attention. ``cond``: the sequence's
+        condition embedding [b, d] (adaLN); None runs the plain block."""
+        if cond is not None and self.ada is not None:
+            return self._modulated(x, cond, bias)
         if self.parallel:
             if self.placement == "pre":
                 h = self.norm1(x)
-                return x + self._drop(self.attn(h)) + self._drop(self.mlp(h))
+                return x + self._drop(self.attn(h, bias)) + self._drop(self.mlp(h))
             if self.placement == "post":
-                return self.norm1(x + self._drop(self.attn(x)) + self._drop(self.mlp(x)))
+                return self.norm1(x + self._drop(self.attn(x, bias)) + self._drop(self.mlp(x)))
             h = self.norm1(x)
-            return x + self._drop(self.post_attn_norm(self.attn(h))) + self._drop(self.post_mlp_norm(self.mlp(h)))
+            return x + self._drop(self.post_attn_norm(self.attn(h, bias))) + self._drop(self.post_mlp_norm(self.mlp(h)))
         assert self.norm2 is not None
         if self.placement == "pre":
-            x = x + self._drop(self.attn(self.norm1(x)))
+            x = x + self._drop(self.attn(self.norm1(x), bias))
             return x + self._drop(self.mlp(self.norm2(x)))
         if self.placement == "post":
-            x = self.norm1(x + self._drop(self.attn(x)))
+            x = self.norm1(x + self._drop(self.attn(x, bias)))
             return self.norm2(x + self._drop(self.mlp(x)))
-        x = x + self._drop(self.post_attn_norm(self.attn(self.norm1(x))))
+        x = x + self._drop(self.post_attn_norm(self.attn(self.norm1(x), bias)))
         return x + self._drop(self.post_mlp_norm(self.mlp(self.norm2(x))))

@@ -17,14 +17,14 @@ from tplus_dist.model.attention import softcap
 from tplus_dist.model.block import Block
 from tplus_dist.model.init import draw_init_seed, init_weights, module_weight
 from tplus_dist.model.norms import make_norm
-from tplus_dist.model.positions import Rotary, sinusoidal_table
+from tplus_dist.model.positions import Rotary, T5RelativeBias, sinusoidal_table
 
 ParamKind = Literal["embedding", "hidden", "head", "vector"]
 
 
 def parameter_kind(name: str, p: torch.Tensor) -> ParamKind:
     """The role of the decoder's parameter ``name`` (see Decoder.parameter_kinds)."""
-    if name.startswith(("embed.", "pos_embed.")):
+    if name.startswith(("embed.", "pos_embed.", "cond_embed.")):
         return "embedding"
     if name.startswith("head."):
         return "head"
@@ -64,6 +64,8 @@ class Decoder(nn.Module):
         own_output = head and tied_output and cfg.tie_embeddings
         self.embed = provider.embedding(cfg.padded_vocab_size, d) if embed or own_output else None
         self.pos_embed = nn.Embedding(cfg.seq_len, d) if embed and cfg.position == "learned" else None
+        # adaLN's label embeddings (whole on every rank, like the norms)
+        self.cond_embed = nn.Embedding(cfg.n_conditions, d) if cfg.adaln != "none" else None
         if embed and cfg.position == "sinusoidal":
             self.register_buffer("pos_table", sinusoidal_table(cfg.seq_len, d), persistent=False)
         rotary = Rotary(cfg.dim_head, cfg.rope_dim, cfg.rope_theta, cfg.seq_len) if cfg.position == "rope" else None
@@ -77,6 +79,14 @@ class Decoder(nn.Module):
         # one Rotary shared by every layer: its tables are buffers, not parameters
         indices = range(cfg.n_layers) if layers is None else layers
         self.layers = nn.ModuleDict({str(i): Block(cfg, i, provider, rotary) for i in indices})
+        # T5's relative bias, one table for every layer: computed once per forward and handed to each layer
+        self.rel_bias = (
+            T5RelativeBias(
+                provider.head_table(cfg.t5_bias_buckets, cfg.n_heads), cfg.t5_bias_buckets, cfg.t5_bias_max_distance
+            )
+            if cfg.position == "t5_bias" and cfg.t5_bias_shared and len(self.layers) > 0
+            else None
+        )
         self.final_norm = make_norm(provider, cfg, d) if head and cfg.final_norm else None
         self.head = (
             provider.linear(d, cfg.padded_vocab_size, bias=False, role="vocab")
@@ -125,22 +135,35 @@ class Decoder(nn.Module):
             logits = softcap(logits, self.cfg.final_logit_softcap)
         return logits
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, labels: torch.Tensor | None = None) -> torch.Tensor:
         """[batch, seq] token ids -> [batch, seq, vocab_size] logits (under tensor parallelism: this rank's
         vocabulary slice, padded). A part without the embedding takes hidden states [batch, seq, d_model]; a
         part without the head returns them (as does a tied model's last part, whose projection the pipeline's
-        tied embedding applies)."""
+        tied embedding applies). ``labels`` [batch]: each sequence's condition (model.adaln); None runs the
+        plain model."""
+        cond = self.condition(labels) if labels is not None else None
         if self.has_embed:
             if x.shape[1] > self.cfg.seq_len:
                 raise ValueError(f"sequence of {x.shape[1]} tokens is longer than model.seq_len={self.cfg.seq_len}")
             x = self.embed_tokens(x)
+        bias = self.rel_bias(x.shape[1], x.device, x.dtype) if self.rel_bias is not None else None
         for layer in self.layers.values():
-            x = layer(x)
+            x = layer(x, bias, cond) if bias is not None or cond is not None else layer(x)
         if not self.has_head:
             return x
         if self.head is None and self.embed is None:
             return self.final_norm(x) if self.final_norm is not None else x
         return self.output_logits(x)
+
+    def condition(self, labels: torch.Tensor) -> torch.Tensor:
+        """The label embeddings [batch, d_model]; ValueError for a model without adaLN or a label out of range."""
+        if self.cond_embed is None:
+            raise ValueError("labels were given, but the model has no conditioning (model.adaln is none)")
+        n = self.cfg.n_conditions
+        if labels.numel() and (int(labels.min()) < 0 or int(labels.max()) >= n):
+            bad = labels[(labels < 0) | (labels >= n)][0].item()
+            raise ValueError(f"condition label {bad} is outside model.n_conditions (0 .. {n - 1})")
+        return self.cond_embed(labels)
 
     def loss(self, logits: torch.Tensor, targets: torch.Tensor) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
         """Mean next-token loss of ``forward``'s logits (cross entropy + z-loss), across tensor-parallel ranks."""

@@ -72,7 +72,8 @@ def weight_std(name: str, cfg: ModelConfig) -> float:
 
     GPT-2: N(0, 0.02) everywhere, residual output projections N(0, 0.02 / sqrt(2 n_layers)).
     T5: q ~ (d_model d_kv)^-1/2, k, v ~ d_model^-1/2, o ~ (n_heads d_kv)^-1/2, MLP in ~ d_model^-1/2,
-        out ~ d_ff^-1/2, embedding ~ 1 (and no 1/sqrt(d_k) in the softmax: see attn_scale).
+        out ~ d_ff^-1/2, embedding ~ 1, relative bias ~ d_model^-1/2 (and no 1/sqrt(d_k) in the softmax: see
+        attn_scale).
     muP: hidden matrices N(0, std / sqrt(width_mult)) (fan-in scaling relative to the base width),
         embeddings and head N(0, std) (their multipliers carry the width dependence)."""
     local = _LAYER.sub("", name, count=1)
@@ -81,6 +82,7 @@ def weight_std(name: str, cfg: ModelConfig) -> float:
         t5 = {
             "embed.weight": 1.0,
             "pos_embed.weight": 1.0,
+            "cond_embed.weight": 1.0,
             "head.weight": d**-0.5,
             "attn.wq.weight": (d * dkv) ** -0.5,
             "attn.wk.weight": d**-0.5,
@@ -89,17 +91,27 @@ def weight_std(name: str, cfg: ModelConfig) -> float:
             "mlp.w_gate.weight": d**-0.5,
             "mlp.w_up.weight": d**-0.5,
             "mlp.w_down.weight": cfg.ffn_dim**-0.5,
+            "rel_bias.weight": d**-0.5,  # T5's relative attention bias (HF: factor * d_model^-0.5)
+            "attn.core.rel_bias.weight": d**-0.5,
+            "attn.core.shaw.keys": dkv**-0.5,
+            "attn.core.shaw.values": dkv**-0.5,
         }
         if local not in t5:
             raise KeyError(f"no T5 init rule for parameter {name!r}")
         return t5[local]
     std = cfg.init_std
-    if local in ("embed.weight", "pos_embed.weight", "head.weight"):
-        return std
+    if local in ("embed.weight", "pos_embed.weight", "cond_embed.weight", "head.weight", "rel_bias.weight",
+                 "attn.core.rel_bias.weight",
+                 "attn.core.shaw.keys", "attn.core.shaw.values"):  # fmt: skip
+        return std  # (relative-bias tables are per head, not per width: muP leaves them alone)
     hidden = std / math.sqrt(cfg.width_mult) if cfg.init == "mup" else std
     if local in ("attn.wo.weight", "mlp.w_down.weight"):
         return hidden / math.sqrt(2 * cfg.n_layers)  # each layer adds two residual branches
     return hidden
+
+
+ZERO_INIT = (".ada.weight",)
+"""Matrices that start at zero: adaLN's modulation (the model starts as the plain one)."""
 
 
 def _is_norm(module: nn.Module) -> bool:
@@ -122,7 +134,7 @@ def init_weights(model: nn.Module, cfg: ModelConfig, seed: int, prefix: str = ""
             continue
         for pname, p in own:
             full_name = f"{mod_name}.{pname}" if mod_name else pname
-            if pname == "bias":
+            if pname == "bias" or full_name.endswith(ZERO_INIT):
                 p.zero_()
                 continue
             if p.device.type == "meta":  # shape-only models (FLOP counts) have nothing to fill

@@ -18,12 +18,24 @@ def _gelu_tanh(x: torch.Tensor) -> torch.Tensor:
     return F.gelu(x, approximate="tanh")
 
 
+def swoosh_r(x: torch.Tensor) -> torch.Tensor:
+    """Zipformer's SwooshR: log(1 + exp(x - 1)) - 0.08 x - 0.313261687 (zero at x = 0)."""
+    return F.softplus(x - 1.0) - 0.08 * x - 0.313261687
+
+
+def swoosh_l(x: torch.Tensor) -> torch.Tensor:
+    """Zipformer's SwooshL: log(1 + exp(x - 4)) - 0.08 x - 0.035."""
+    return F.softplus(x - 4.0) - 0.08 * x - 0.035
+
+
 # the one place an activation name becomes code
 ACTIVATIONS: dict[str, Callable[[torch.Tensor], torch.Tensor]] = {
     "gelu": F.gelu,
     "gelu_tanh": _gelu_tanh,
     "relu": F.relu,
     "silu": F.silu,
+    "swooshr": swoosh_r,
+    "swooshl": swoosh_l,
     "swiglu": F.silu,
     "geglu": F.gelu,
     "geglu_tanh": _gelu_tanh,

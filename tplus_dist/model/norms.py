@@ -1,4 +1,4 @@
-"""LayerNorm and RMSNorm, computed in fp32 whatever the activation dtype (fp64 stays fp64)."""
+"""LayerNorm, RMSNorm and BiasNorm, computed in fp32 whatever the activation dtype (fp64 stays fp64)."""
 
 from __future__ import annotations
 
@@ -67,6 +67,27 @@ class LayerNorm(_Norm):
             nn.init.zeros_(self.bias)
 
 
+class BiasNorm(_Norm):
+    """Zipformer's BiasNorm (Yao et al. 2023): x / RMS(x - b) * exp(s), with a learned per-channel bias b (zeros)
+    and one learned log-scale s (zero). The bias keeps the length information LayerNorm's centring removes; eps is
+    added under the square root, as in the other norms. (unit_offset does not apply: the scale is exp(s).)"""
+
+    def __init__(self, dim: int, eps: float = 1e-5) -> None:
+        super().__init__()
+        self.eps = eps
+        self.bias = nn.Parameter(torch.zeros(dim))
+        self.log_scale = nn.Parameter(torch.zeros(1))  # (not 0-d: DeepSpeed broadcasts parameters as bytes)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        xf = _upcast(x)
+        ms = (xf - self._p(self.bias)).pow(2).mean(-1, keepdim=True)
+        return (xf * torch.rsqrt(ms + self.eps) * self._p(self.log_scale).exp()).type_as(x)
+
+    def reset_parameters(self) -> None:
+        nn.init.zeros_(self.bias)
+        nn.init.zeros_(self.log_scale)
+
+
 def make_norm(
     provider: LayerProvider, cfg: ModelConfig, dim: int, kind: NormKind | None = None, *, per_head: bool = False
 ) -> nn.Module:
@@ -82,4 +103,6 @@ def build_norm(kind: str, dim: int, *, eps: float, bias: bool, unit_offset: bool
         return RMSNorm(dim, eps, unit_offset)
     if kind == "layernorm":
         return LayerNorm(dim, eps, bias, unit_offset)
+    if kind == "biasnorm":
+        return BiasNorm(dim, eps)
     raise ValueError(f"unknown norm {kind!r}")

@@ -9,6 +9,7 @@ from tplus_dist.config.model import ModelConfig
 from tplus_dist.config.sections import OptimConfig, ScheduleConfig
 from tplus_dist.optim.adafactor import Adafactor
 from tplus_dist.optim.param_groups import build_param_groups
+from tplus_dist.optim.scaled_adam import ScaledAdam
 from tplus_dist.optim.schedules import Scheduler
 from tplus_dist.optim.soap import SOAP
 
@@ -43,6 +44,16 @@ def build_optimizer(model: nn.Module, optim_cfg: OptimConfig, model_cfg: ModelCo
             shampoo_beta=c.soap_shampoo_beta,
             precondition_frequency=c.soap_precondition_frequency,
             max_precond_dim=c.soap_max_precond_dim,
+        )
+    if c.name == "scaled_adam":
+        return ScaledAdam(
+            groups,
+            lr=c.lr,
+            betas=c.betas,
+            eps=c.eps,
+            scalar_lr_scale=c.scaled_adam_scalar_lr_scale,
+            param_min_rms=c.scaled_adam_param_min_rms,
+            param_max_rms=c.scaled_adam_param_max_rms,
         )
     raise ValueError(f"unknown optimizer {c.name!r}")
 

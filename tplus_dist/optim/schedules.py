@@ -9,7 +9,8 @@ update. The formulas run over the 1-based update number ``s = step + 1`` (nanoGP
   last update of the run uses ``min_lr``; later steps stay at ``min_lr``.
 
 Kinds: ``cosine`` (half cosine from peak to min_lr), ``wsd`` (warmup-stable-decay, MiniCPM: flat at peak, then
-linear to min_lr over the last ``wsd_decay_fraction`` of decay_steps), ``constant`` (warmup, then peak forever).
+linear to min_lr over the last ``wsd_decay_fraction`` of decay_steps), ``constant`` (warmup, then peak forever),
+``inverse_sqrt`` (the Transformer's and ESPnet's: peak * sqrt(warmup / s) after the warmup, not below min_lr).
 ``min_lr`` is absolute; a muP group's floor is ``min_lr * lr_scale`` like the rest of its schedule.
 """
 
@@ -44,6 +45,8 @@ def _lr(s: int, warmup: int, end: int, sched_cfg: ScheduleConfig, peak_lr: float
     if sched_cfg.name == "constant":
         return peak_lr
     floor = sched_cfg.min_lr
+    if sched_cfg.name == "inverse_sqrt":  # Vaswani et al.'s ("Noam") decay after the warmup, no end
+        return max(floor, peak_lr * math.sqrt(warmup / s))
     if s >= end:
         return floor
     if sched_cfg.name == "cosine":

@@ -174,7 +174,7 @@ def setup_layout(cfg: RunConfig, device: torch.device) -> Layout:
             "parallel.sequence_parallel",
             "is not built yet: the decoder runs tensor parallel with whole sequences on every rank; set it to false",
         )
-    if cfg.optim.name in ("adafactor", "soap"):
+    if cfg.optim.name in ("adafactor", "soap", "scaled_adam"):
         from tplus_dist.parallel.engine import use_bf16
 
         # Both read each weight as a matrix (factored moments, Kronecker preconditioners, whole-tensor RMS):
