@@ -70,6 +70,12 @@ FIELD_HANDLING: dict[str, str] = {
     "mup_base_d_model": "training-only, except through the muP logit multiplier (checked)",
     "mup_output_mult": "training-only, except through the muP logit multiplier (checked)",
     "init_std": "training-only",
+    "t5_bias_buckets": "only with position t5_bias, which no supported family computes (refused)",
+    "t5_bias_max_distance": "only with position t5_bias, which no supported family computes (refused)",
+    "t5_bias_shared": "only with position t5_bias, which no supported family computes (refused)",
+    "shaw_max_distance": "only with position shaw, which no supported family computes (refused)",
+    "adaln": "refused unless none: no supported family conditions its norms on a label",
+    "n_conditions": "only with adaln (refused)",
     "z_loss": "training-only (loss)",
     "ignore_index": "training-only (loss)",
     "embed_dropout": "training-only: mapped to the family's dropout key where there is one",
@@ -906,6 +912,10 @@ def _universal_blockers(cfg: ModelConfig) -> list[str]:
     out = []
     if cfg.softmax_off_by_one:
         out.append("model.softmax_off_by_one=true: no transformers family computes the off-by-one softmax")
+    if cfg.position in ("t5_bias", "shaw"):
+        out.append(f"model.position={cfg.position}: no supported transformers decoder family computes it")
+    if cfg.adaln != "none":
+        out.append(f"model.adaln={cfg.adaln}: no supported transformers family conditions its norms on a label")
     if cfg.position == "sinusoidal":
         out.append(
             "model.position=sinusoidal: no transformers decoder family adds this sinusoidal table "

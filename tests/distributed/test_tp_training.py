@@ -93,6 +93,11 @@ def distributed(tmp_path: Path, world: int, *extra: str) -> Result:
     return result
 
 
+PARAM_TOLS = {"zipformer-biasnorm-swoosh": 1e-4}
+"""Measured 5.9e-5 (one element of layers.0.attn.wv) with losses and gradient norms within 1e-5 at every step:
+probably SwooshL's nearly flat negative side (slope -0.08) leaving many gradients near zero, which Adam's per-element
+normalisation turns into larger last-bit noise (see PARAM_TOL); a wrong gradient gives 1e-3 and up."""
+
 # Choices that change what crosses tensor-parallel ranks: kv-head layouts, QK-norm, biases, tied or untied
 # head, soft-capping, z-loss, parallel blocks, sliding windows, ALiBi slopes per head, padding rows.
 CHOICES = {
@@ -133,6 +138,7 @@ def test_tensor_parallel_equals_one_process(tmp_path: Path, choice: str) -> None
     compare(
         single(tmp_path, "--train.grad_accum=2", *extra),
         distributed(tmp_path, 2, "--train.grad_accum=2", "--parallel.tensor_parallel=2", *extra),
+        PARAM_TOLS.get(choice, PARAM_TOL),
     )
 
 

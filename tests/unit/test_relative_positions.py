@@ -187,3 +187,15 @@ def test_a_shaw_model_trains():
         opt.step()
         losses.append(loss.item())
     assert losses[-1] < losses[0] - 0.5
+
+
+@pytest.mark.parametrize(
+    "field", [{"position": "t5_bias"}, {"position": "shaw"}, {"adaln": "adaln", "n_conditions": 2}]
+)
+def test_hugging_face_export_refuses_the_choices_no_family_computes(field: dict[str, object]):
+    from tplus_dist import hf
+
+    cfg = ModelConfig(vocab_size=64, n_layers=1, d_model=32, n_heads=4, seq_len=16, **field)  # type: ignore[arg-type]
+    key, value = next(iter(field.items()))
+    with pytest.raises(hf.HFExportError, match=f"model.{key}={value}"):
+        hf.choose_family(cfg)
