@@ -147,6 +147,15 @@ def _lp_groups(zero: Any) -> list[list[nn.Parameter]]:
     raise CheckpointError(f"unsupported DeepSpeed optimizer {type(zero).__name__}: no parameter groups found")
 
 
+def _zero3_partition(opt: Any, p: nn.Parameter, dp_rank: int) -> tuple[torch.Tensor, int, int, int]:
+    """Where this rank's ZeRO 3 partition of ``p`` lies: (its group's flat fp32 partition, the offset in it, the
+    partition's start in ``p``'s flattened slice, the number of real elements: 0 when it is all padding)."""
+    zp: Any = p
+    gi, off, num = opt.grad_position[opt.get_param_id(p)]
+    start = dp_rank * num
+    return opt.fp32_partitioned_groups_flat[gi], off, start, max(0, min(num, zp.ds_numel - start))
+
+
 def _scalars(state: dict[str, Any]) -> dict[str, torch.Tensor]:
     out = {}
     for k, v in state.items():
@@ -200,16 +209,11 @@ def collect_pieces(trainer: Any) -> Iterator[Piece]:
     opt = _optimizer(trainer)
     dp_rank, dp = _dp(trainer)
     for name, p in local_parameters(trainer):
-        zp: Any = p  # DeepSpeed's attributes
         if hasattr(p, "ds_id"):  # ZeRO 3
-            base = opt.optimizer
-            gi, off, num = opt.grad_position[opt.get_param_id(p)]
-            flat = opt.fp32_partitioned_groups_flat[gi]
-            start = dp_rank * num
-            valid = max(0, min(num, zp.ds_numel - start))
+            flat, off, start, valid = _zero3_partition(opt, p, dp_rank)
             if valid == 0:
                 continue
-            st = base.state.get(flat, {})
+            st = opt.optimizer.state.get(flat, {})
             values = {PARAM: flat.narrow(0, off, valid)}
             for k, v in st.items():
                 if isinstance(v, torch.Tensor) and v.shape == flat.shape:
@@ -471,10 +475,7 @@ def load_state(trainer: Any, root: Path, index: dict[str, Any]) -> None:
         scalars = reader.scalars(name)
         with torch.no_grad():
             if hasattr(p, "ds_id"):  # ZeRO 3: this rank's partition of the slice
-                gi, off, num = opt.grad_position[opt.get_param_id(p)]
-                flat = opt.fp32_partitioned_groups_flat[gi]
-                start = dp_rank * num
-                valid = max(0, min(num, zp.ds_numel - start))
+                flat, off, start, valid = _zero3_partition(opt, p, dp_rank)
                 if valid == 0:
                     continue
                 value = reader.local(name, PARAM, shard, start, valid)
