@@ -73,3 +73,21 @@ def test_data_parallel_with_a_growing_batch_equals_one_process(tmp_path: Path) -
     run_distributed(_rank, 2, dp_overrides, str(out))
     _compare(single_micro2, torch.load(out))
     assert [r[3] for r in single] == [r[3] for r in single_micro2]
+
+
+@pytest.mark.slow
+def test_labeled_data_parallel_equals_one_process(tmp_path: Path) -> None:
+    """Labels from `tplus prepare --labels` reach the conditioned model through DeepSpeed's engine as in one
+    process; without them the losses differ (so the labels were used)."""
+    from tests.unit.test_labels import write_inputs
+    from tplus_dist.data.prepare import prepare
+
+    shards = tmp_path / "shards"
+    prepare(write_inputs(tmp_path / "in"), "bytes", 64, shards, labels="field:src", progress=False)
+    cond = [f"--data.shards={shards}", "--model.adaln=adaln_zero", "--model.n_conditions=3"]
+    single = _single(tmp_path, *cond, "--train.grad_accum=2")
+    plain = _single(tmp_path / "plain", *cond, "--train.grad_accum=2", "--data.labels=false")
+    assert single[0][0] == plain[0][0] and single[-1][0] != plain[-1][0]
+    out = tmp_path / "dp.pt"
+    run_distributed(_rank, 2, [*BASE, *cond, "--parallel.zero_stage=1", f"--log.run_dir={tmp_path}/dp"], str(out))
+    _compare(single, torch.load(out))

@@ -90,6 +90,11 @@ class RunConfig:
             "schedule.min_lr",
             f"({self.schedule.min_lr}) is above the peak optim.lr ({self.optim.lr})",
         )
+        check(
+            self.data.labels is not True or self.model.adaln != "none",
+            "data.labels",
+            "is true, but the model takes no label: set model.adaln (adaln or adaln_zero) and model.n_conditions",
+        )
         return self
 
     def to_dict(self) -> dict[str, Any]:

@@ -155,6 +155,10 @@ class DataConfig:
     """Seed of the sample order. None: train.seed."""
     num_workers: int = 0
     """DataLoader worker processes that prefetch batches (0: read in the training process)."""
+    labels: bool | None = None
+    """Give the model each sample's label (shards from `tplus prepare --labels`) as its condition (model.adaln).
+    None: when the model is conditioned and the shards carry labels; true: required (an error if either lacks
+    them); false: never (a conditioned model then trains as the plain one)."""
 
     def validate(self, prefix: str = "data") -> None:
         p = prefix + "."

@@ -31,7 +31,9 @@ class MicroBatch:
     targets: torch.Tensor
     """[m, seq_len] next tokens."""
     positions: np.ndarray
-    """Stream positions of the m samples (global sample indices)."""
+    """Stream positions of the m samples (global sample indices); for validation, the samples' indices."""
+    labels: torch.Tensor | None = None
+    """[m] each sample's label id (shards prepared with --labels, read when data.labels asks); None: no labels."""
 
 
 @dataclass
@@ -134,25 +136,32 @@ def open_split(shards: str, split: str, cache_dir: str | Path) -> Any:
 
 
 class SampleReader(torch.utils.data.Dataset):
-    """dataset indices -> [m, seq_len + 1] LongTensor; map-style, so DataLoader workers can prefetch."""
+    """dataset indices -> ([m, seq_len + 1] LongTensor, [m] label ids or None); map-style, so DataLoader workers
+    can prefetch."""
 
-    def __init__(self, dataset: Any, seq_len: int) -> None:
+    def __init__(self, dataset: Any, seq_len: int, labels: bool = False) -> None:
         self.dataset = dataset
         self.seq_len = seq_len
+        self.labels = labels
 
     def __len__(self) -> int:
         return int(self.dataset.num_samples)
 
-    def __getitem__(self, indices: np.ndarray) -> torch.Tensor:
+    def __getitem__(self, indices: np.ndarray) -> tuple[torch.Tensor, torch.Tensor | None]:
         rows = []
+        labels = []
         for i in indices:
-            tokens = self.dataset[int(i)]["tokens"]
+            sample = self.dataset[int(i)]
+            tokens = sample["tokens"]
             if len(tokens) != self.seq_len + 1:
                 raise ValueError(
                     f"sample {int(i)} holds {len(tokens)} tokens, expected seq_len + 1 = {self.seq_len + 1}"
                 )
             rows.append(tokens)
-        return torch.from_numpy(np.stack(rows).astype(np.int64))
+            if self.labels:
+                labels.append(int(sample["label"]))
+        ids = torch.tensor(labels, dtype=torch.int64) if self.labels else None
+        return torch.from_numpy(np.stack(rows).astype(np.int64)), ids
 
 
 class ShardBatches:
@@ -171,6 +180,7 @@ class ShardBatches:
         dp_size: int = 1,
         dp_rank: int = 0,
         num_workers: int = 0,
+        labels: bool = False,
     ) -> None:
         unit = micro_batch * dp_size
         for size in {ramp.end, ramp.start or ramp.end, ramp.increment or unit}:
@@ -178,12 +188,12 @@ class ShardBatches:
                 raise ValueError(
                     f"batch size {size} is not a multiple of micro_batch_size x data-parallel ranks ({unit})"
                 )
-        self.reader = SampleReader(dataset, seq_len)
+        self.reader = SampleReader(dataset, seq_len, labels)
         self.order = SampleOrder(list(dataset.samples_per_shard), seed, shuffle, block_shards)
         self.seq_len, self.micro, self.ramp = seq_len, micro_batch, ramp
         self.dp_size, self.dp_rank, self.num_workers = dp_size, dp_rank, num_workers
         self.position = 0
-        self._stream: Iterator[tuple[np.ndarray, torch.Tensor]] | None = None
+        self._stream: Iterator[tuple[np.ndarray, tuple[torch.Tensor, torch.Tensor | None]]] | None = None
 
     @property
     def num_samples(self) -> int:
@@ -202,7 +212,7 @@ class ShardBatches:
             )
             p += b
 
-    def _open_stream(self) -> Iterator[tuple[np.ndarray, torch.Tensor]]:
+    def _open_stream(self) -> Iterator[tuple[np.ndarray, tuple[torch.Tensor, torch.Tensor | None]]]:
         plan = self._plan(self.position)
         if self.num_workers == 0:
             return ((pos, self.reader[self.order.indices(pos)]) for pos in plan)
@@ -222,8 +232,8 @@ class ShardBatches:
         b = self.batch_size_at(self.position)
         micro = []
         for _ in range(b // (self.micro * self.dp_size)):
-            pos, chunk = next(self._stream)
-            micro.append(MicroBatch(chunk[:, :-1], chunk[:, 1:], pos))
+            pos, (chunk, labels) = next(self._stream)
+            micro.append(MicroBatch(chunk[:, :-1], chunk[:, 1:], pos, labels))
         first = self.position
         self.position += b
         return StepBatch(micro, b, first, first + b - 1)
@@ -244,14 +254,14 @@ class ShardBatches:
 class EvalBatches:
     """The first ``n_batches`` micro-batches of a split, in stored order: the same every evaluation."""
 
-    def __init__(self, dataset: Any, seq_len: int, micro_batch: int, n_batches: int) -> None:
-        self.reader = SampleReader(dataset, seq_len)
+    def __init__(self, dataset: Any, seq_len: int, micro_batch: int, n_batches: int, labels: bool = False) -> None:
+        self.reader = SampleReader(dataset, seq_len, labels)
         n = min(len(self.reader), micro_batch * n_batches)
         if n == 0:
             raise ValueError("the validation split holds no sample")
         self.batches = [np.arange(i, min(i + micro_batch, n)) for i in range(0, n, micro_batch)]
 
-    def __iter__(self) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+    def __iter__(self) -> Iterator[MicroBatch]:
         for idx in self.batches:
-            chunk = self.reader[idx]
-            yield chunk[:, :-1], chunk[:, 1:]
+            chunk, labels = self.reader[idx]
+            yield MicroBatch(chunk[:, :-1], chunk[:, 1:], idx, labels)

@@ -7,7 +7,7 @@ Output layout (DIR is ``--out``)::
     DIR/train/index.json       a mosaicml-streaming MDS dataset: index + shard.NNNNN.mds.zstd files
     DIR/val/...                the same, when --val-fraction > 0
 
-Each sample holds two columns (a contract the loader reads):
+Each sample holds two columns, three with labels (a contract the loader reads):
 
 - ``tokens``: ``ndarray:uint16`` (``uint32`` when the vocabulary exceeds 65536), seq_len + 1 ids. Sample i is
   stream[i*seq_len : i*seq_len + seq_len + 1] of its split's token stream (every document followed by EOS):
@@ -17,6 +17,9 @@ Each sample holds two columns (a contract the loader reads):
   (p = 0 only when a document starts exactly there), then the end marker seq_len + 1. The marker is there
   because MDS cannot store an empty array (a sample inside one long document has no start); drop values
   above seq_len, or use it as the end of the last segment.
+- ``label`` (only with ``--labels``): ``int32``, the sample's label id (model.adaln's condition). Each label's
+  documents are packed into samples of their own, so a sample never mixes labels; each label's stream drops its
+  own tail. ``labels`` in the manifest lists the names of the ids and the counts per label.
 
 A document goes to val iff blake2b-64 of its ordinal (keyed, see :func:`is_val_document`) falls below
 val_fraction: decided while streaming, no second pass, the same split for any number of workers.
@@ -52,7 +55,13 @@ from typing import Any
 
 import numpy as np
 
-from tplus_dist.data.readers import InputError, PrepareError, iter_documents, resolve_inputs
+from tplus_dist.data.readers import (
+    InputError,
+    PrepareError,
+    iter_documents,
+    read_records,
+    resolve_input_groups,
+)
 from tplus_dist.data.streaming_compat import import_streaming
 from tplus_dist.data.tokenizers import (
     ByteTokenizer,
@@ -209,13 +218,13 @@ class _Workers:
             f.result()
 
     def map_ordered(
-        self, kind: str, path: str | None, pat_str: str | None, batches: Iterator[tuple[list[str], np.ndarray]]
-    ) -> Iterator[tuple[tuple[np.ndarray, np.ndarray], np.ndarray]]:
-        """((tokens, lengths), is_val) per batch, in input order, at most 4K batches in flight (reading never
+        self, kind: str, path: str | None, pat_str: str | None, batches: Iterator[tuple[list[str], BatchMeta]]
+    ) -> Iterator[tuple[tuple[np.ndarray, np.ndarray], BatchMeta]]:
+        """((tokens, lengths), meta) per batch, in input order, at most 4K batches in flight (reading never
         runs far ahead of tokenizing, so memory stays flat; enough queued that no worker waits)."""
-        pending: deque[tuple[Future[tuple[np.ndarray, np.ndarray]], np.ndarray]] = deque()
-        for texts, is_val in batches:
-            pending.append((self.pool.submit(_worker_encode, kind, path, pat_str, texts), is_val))
+        pending: deque[tuple[Future[tuple[np.ndarray, np.ndarray]], BatchMeta]] = deque()
+        for texts, meta in batches:
+            pending.append((self.pool.submit(_worker_encode, kind, path, pat_str, texts), meta))
             if len(pending) >= 4 * self.n:
                 fut, flags = pending.popleft()
                 yield fut.result(), flags
@@ -236,11 +245,17 @@ class _Workers:
 # ---------------------------------------------------------------------------------------------- packing
 
 
-class _Packer:
-    """Cuts one split's token stream into overlapping samples of seq_len + 1 and writes them."""
+BatchMeta = tuple[np.ndarray, np.ndarray | None]
+"""Per document of a batch: whether it goes to val, and its label id (None without --labels)."""
 
-    def __init__(self, writer: Any, seq_len: int, dtype: str) -> None:
+
+class _Packer:
+    """Cuts one split's token stream (of one label, with --labels) into overlapping samples of seq_len + 1 and
+    writes them."""
+
+    def __init__(self, writer: Any, seq_len: int, dtype: str, label: int | None = None) -> None:
         self.writer = writer
+        self.label = None if label is None else np.int32(label)
         self.seq_len = seq_len
         self.dtype = np.dtype(dtype)
         self.buf = np.empty(0, self.dtype)
@@ -268,7 +283,13 @@ class _Packer:
         for j in range(n):
             s = int(lo[j])
             starts = (self.starts[first[j] : last[j]] - s).astype(np.uint32)
-            self.writer.write({"tokens": self.buf[s : s + L + 1], "doc_starts": np.concatenate((starts, end_marker))})
+            sample: dict[str, Any] = {
+                "tokens": self.buf[s : s + L + 1],
+                "doc_starts": np.concatenate((starts, end_marker)),
+            }
+            if self.label is not None:
+                sample["label"] = self.label
+            self.writer.write(sample)
         cut = n * L
         self.samples += n
         self.buf = self.buf[cut:].copy()  # copy: release the consumed prefix
@@ -285,22 +306,62 @@ class _Packer:
         }
 
 
+class _Packers:
+    """A packer per split, or per (split, label) with --labels (made as labels appear), over one writer per split."""
+
+    def __init__(self, writers: dict[str, Any], seq_len: int, dtype: str) -> None:
+        self.writers, self.seq_len, self.dtype = writers, seq_len, dtype
+        self.packers: dict[tuple[str, int | None], _Packer] = {}
+
+    def get(self, split: str, label: int | None) -> _Packer:
+        key = (split, label)
+        if key not in self.packers:
+            self.packers[key] = _Packer(self.writers[split], self.seq_len, self.dtype, label)
+        return self.packers[key]
+
+    def add(self, tokens: np.ndarray, lengths: np.ndarray, is_val: np.ndarray, labels: np.ndarray | None) -> None:
+        if labels is None and not is_val.any():
+            self.get("train", None).add(tokens, lengths)
+            return
+        keys = is_val.astype(np.int64) if labels is None else labels.astype(np.int64) * 2 + is_val
+        for key in np.unique(keys):
+            sel = keys == key
+            split = "val" if key % 2 else "train"
+            packer = self.get(split, None if labels is None else int(key // 2))
+            packer.add(tokens[np.repeat(sel, lengths)], lengths[sel])
+
+    def summary(self, split: str) -> dict[str, int]:
+        """The split's counts, summed over its labels."""
+        total = {"samples": 0, "tokens": 0, "documents": 0, "dropped_tail_tokens": 0}
+        for (s, _), p in self.packers.items():
+            if s == split:
+                for k, v in p.summary().items():
+                    total[k] += v
+        return total
+
+    def per_label(self, split: str, n_labels: int) -> dict[str, list[int]]:
+        """Per label id: samples, documents and tokens of the split."""
+        out = {k: [0] * n_labels for k in ("samples", "documents", "tokens")}
+        for (s, label), p in self.packers.items():
+            if s == split and label is not None:
+                summ = p.summary()
+                for k in out:
+                    out[k][label] = summ[k]
+        return out
+
+
 def _pack(
-    results: Iterator[tuple[tuple[np.ndarray, np.ndarray], np.ndarray]], packers: dict[str, _Packer], progress: bool
+    results: Iterator[tuple[tuple[np.ndarray, np.ndarray], BatchMeta]], packers: _Packers, progress: bool
 ) -> None:
-    """Route each batch's documents to their split's packer, with a progress bar (documents, tokens/s)."""
+    """Route each batch's documents to their split's (and label's) packer, with a progress bar (documents,
+    tokens/s)."""
     from tqdm import tqdm
 
     t0 = time.perf_counter()
     n_tokens = 0
     with tqdm(desc="prepare", unit="doc", disable=not progress, mininterval=0.5, dynamic_ncols=True) as bar:
-        for (tokens, lengths), is_val in results:
-            if is_val.any():
-                mask = np.repeat(is_val, lengths)
-                packers["val"].add(tokens[mask], lengths[is_val])
-                packers["train"].add(tokens[~mask], lengths[~is_val])
-            else:
-                packers["train"].add(tokens, lengths)
+        for (tokens, lengths), (is_val, labels) in results:
+            packers.add(tokens, lengths, is_val, labels)
             n_tokens += len(tokens)
             bar.set_postfix_str(f"{n_tokens / max(time.perf_counter() - t0, 1e-9):,.0f} tok/s", refresh=False)
             bar.update(len(lengths))
@@ -384,20 +445,111 @@ def _documents(paths: list[Path], text_field: str, counts: dict[str, int]) -> It
             counts["empty"] += 1
 
 
-def _batches(docs: Iterator[str], val_fraction: float) -> Iterator[tuple[list[str], np.ndarray]]:
-    """(texts, is_val) batches of about BATCH_CHARS characters; ordinals count across batches."""
+MAX_LABELS = 1 << 20
+"""More label ids than this is a mistake (a document id taken for a label), not a condition to embed."""
+
+
+class Labeler:
+    """Label ids of documents, for --labels: ``input``, the index of the --input argument a document came from;
+    ``field:NAME``, the value of a JSON field / parquet column: strings numbered in order of first appearance
+    (or as listed by --label-names), non-negative integers taken as ids."""
+
+    def __init__(self, spec: str, inputs: Sequence[str], names: Sequence[str] | None = None) -> None:
+        self.field: str | None = None
+        if spec == "input":
+            if names is not None and len(names) != len(inputs):
+                raise PrepareError(
+                    f"--label-names lists {len(names)} names, but --labels input needs one per --input ({len(inputs)})"
+                )
+            self.names = list(names) if names is not None else [str(i) for i in inputs]
+        elif spec.startswith("field:") and spec[len("field:") :]:
+            self.field = spec[len("field:") :]
+            self.names = list(names) if names is not None else []
+        else:
+            raise PrepareError(f"--labels must be `input` or `field:NAME`, got {spec!r}")
+        if len(set(self.names)) != len(self.names):
+            raise PrepareError(f"--label-names: a name is listed twice ({', '.join(self.names)})")
+        self.spec, self.fixed = spec, names is not None
+        self.ids = {n: i for i, n in enumerate(self.names)}
+        self.kind: type | None = None
+        self.max_id = -1
+
+    def id_of(self, value: str | int | None, where: str) -> int:
+        """The id of a field's value (``where`` names the file and line for errors)."""
+        field = f"label field {self.field!r}"
+        if isinstance(value, str):
+            if self.kind is int:
+                raise InputError(f"{where}: {field} holds the string {value!r}, but earlier documents hold integers")
+            self.kind = str
+            i = self.ids.get(value)
+            if i is None:
+                if self.fixed:
+                    raise InputError(f"{where}: {field} holds {value!r}, not one of --label-names")
+                i = self.ids[value] = len(self.names)
+                self.names.append(value)
+        elif isinstance(value, int):
+            if self.kind is str:
+                raise InputError(f"{where}: {field} holds the integer {value}, but earlier documents hold strings")
+            self.kind = int
+            if self.fixed and value >= len(self.names):
+                raise InputError(f"{where}: {field} holds {value}, outside --label-names (0 .. {len(self.names) - 1})")
+            i = value
+        else:
+            raise InputError(f"{where}: no label")
+        if i >= MAX_LABELS:
+            raise InputError(f"{where}: {field} gives the label id {i}; at most {MAX_LABELS} labels are supported")
+        self.max_id = max(self.max_id, i)
+        return i
+
+    def final_names(self) -> list[str]:
+        """The name of each id (integer labels without --label-names are named by their value)."""
+        if self.kind is int and not self.fixed:
+            return [str(i) for i in range(self.max_id + 1)]
+        return self.names
+
+
+def _labeled_documents(
+    groups: list[list[Path]], text_field: str, labeler: Labeler | None, counts: dict[str, int]
+) -> Iterator[tuple[str, int | None]]:
+    """Non-empty documents with their label ids (None without --labels); counts what was skipped."""
+    for g, paths in enumerate(groups):
+        for path in paths:
+            field = labeler.field if labeler is not None else None
+            for text, value, where in read_records(path, text_field, field):
+                if not text:
+                    counts["empty"] += 1
+                    continue
+                counts["documents"] += 1
+                if labeler is None:
+                    yield text, None
+                elif field is None:
+                    labeler.max_id = max(labeler.max_id, g)
+                    yield text, g
+                else:
+                    yield text, labeler.id_of(value, where)
+
+
+def _batches(docs: Iterator[tuple[str, int | None]], val_fraction: float) -> Iterator[tuple[list[str], BatchMeta]]:
+    """(texts, (is_val, labels)) batches of about BATCH_CHARS characters; ordinals count across batches."""
     texts: list[str] = []
     flags: list[bool] = []
+    labels: list[int] = []
     chars = 0
-    for ordinal, d in enumerate(docs):
+
+    def batch() -> tuple[list[str], BatchMeta]:
+        return texts, (np.array(flags, bool), np.array(labels, np.int64) if labels else None)
+
+    for ordinal, (d, label) in enumerate(docs):
         texts.append(d)
         flags.append(is_val_document(ordinal, val_fraction))
+        if label is not None:
+            labels.append(label)
         chars += len(d)
         if chars >= BATCH_CHARS or len(texts) >= BATCH_DOCS:
-            yield texts, np.array(flags, bool)
-            texts, flags, chars = [], [], 0
+            yield batch()
+            texts, flags, labels, chars = [], [], [], 0
     if texts:
-        yield texts, np.array(flags, bool)
+        yield batch()
 
 
 def _save_tokenizer(
@@ -443,12 +595,16 @@ def prepare(
     text_field: str = "text",
     shard_size_limit: int | str = DEFAULT_SHARD_SIZE_LIMIT,
     progress: bool = True,
+    labels: str | None = None,
+    label_names: Sequence[str] | None = None,
 ) -> dict[str, Any]:
     """Tokenize, pack and shard ``inputs`` into the new directory ``out``; returns the manifest.
 
     inputs: files, directories (recursive) or globs (.txt, .jsonl, .jsonl.gz, .jsonl.zst, .parquet).
     tokenizer: ``bytes`` | ``train:N`` | path to tokenizer.json | path to a .tiktoken file (or ``tiktoken:PATH``).
     workers: tokenizer processes (1 = in this process, one core).
+    labels: ``input`` or ``field:NAME``: record each sample's label (see :class:`Labeler`); label_names fixes
+    the names (and ids, in order) of the labels.
     Raises PrepareError (InputError for bad input) naming the file and the reason; ``out`` then does not exist.
     """
     t_start = time.perf_counter()
@@ -461,10 +617,14 @@ def prepare(
     size_limit = _parse_size(shard_size_limit)
     if not 0 < size_limit < 1 << 32:
         raise PrepareError(f"--shard-size-limit must be in (0, 4 GiB), got {size_limit}")
+    if label_names is not None and labels is None:
+        raise PrepareError("--label-names needs --labels")
+    labeler = Labeler(labels, inputs, label_names) if labels is not None else None
     out = Path(out)
     if out.exists() or out.is_symlink():
         raise PrepareError(f"{out} already exists; refusing to overwrite it (remove it, or choose another --out)")
-    paths = resolve_inputs(inputs)
+    groups = resolve_input_groups(inputs)
+    paths = [p for g in groups for p in g]
     out.parent.mkdir(parents=True, exist_ok=True)
     clean_stale_temp_dirs(out)
     tmp = out.parent / f"{out.name}.tmp-{os.getpid()}-{secrets.token_hex(4)}"
@@ -479,21 +639,23 @@ def prepare(
         log.info("tokenizer %s: %s, vocab %d, eos %d", tokenizer, kind, tok.vocab_size, tok.eos_id)
         dtype = token_dtype(tok.vocab_size)
         columns = {"tokens": f"ndarray:{dtype}", "doc_starts": "ndarray:uint32"}
+        if labeler is not None:
+            columns["label"] = "int32"
         streaming = import_streaming()
         split_names = ["train", "val"] if val_fraction > 0 else ["train"]
         for s in split_names:
             writers[s] = streaming.MDSWriter(
                 out=str(tmp / s), columns=columns, compression="zstd", size_limit=size_limit
             )
-        packers = {s: _Packer(writers[s], seq_len, dtype) for s in split_names}
+        packers = _Packers(writers, seq_len, dtype)
         counts = {"documents": 0, "empty": 0}
-        batches = _batches(_documents(paths, text_field, counts), val_fraction)
+        batches = _batches(_labeled_documents(groups, text_field, labeler, counts), val_fraction)
         if pool is not None:
             pool.wait_ready()
         t_pipe = time.perf_counter()
         if pool is None:
             with _single_threaded_tokenizers():
-                results = ((encode_documents(tok, texts), is_val) for texts, is_val in batches)
+                results = ((encode_documents(tok, texts), meta) for texts, meta in batches)
                 _pack(results, packers, progress)
         else:
             task_file = str(tmp / tok_file) if tok_file else None
@@ -503,7 +665,7 @@ def prepare(
         t_pipe_end = time.perf_counter()
         if counts["documents"] == 0:
             raise InputError(f"empty corpus: the {len(paths)} input file(s) hold no non-empty document")
-        summaries = {s: p.summary() for s, p in packers.items()}
+        summaries = {s: packers.summary(s) for s in split_names}
         for s, summ in summaries.items():
             if summ["samples"] == 0:
                 # An empty split would only fail later, in the trainer; say it now, with the numbers.
@@ -556,6 +718,7 @@ def prepare(
             "text_field": text_field,
             "workers": workers,
             "shard_size_limit": size_limit,
+            **({"labels": _labels_entry(labeler, packers, split_names)} if labeler is not None else {}),
             "timing": {
                 "seconds": round(seconds, 3),
                 "pipeline_seconds": round(t_pipe_end - t_pipe, 3),
@@ -595,6 +758,29 @@ def prepare(
         if pool is not None:
             pool.close()
     return manifest
+
+
+def _labels_entry(labeler: Labeler, packers: _Packers, split_names: list[str]) -> dict[str, Any]:
+    """The manifest's ``labels``: where they came from, the name of each id, and per-label counts per split."""
+    names = labeler.final_names()
+    per_split = {s: packers.per_label(s, len(names)) for s in split_names}
+    for i, name in enumerate(names):
+        train = per_split["train"]
+        if train["documents"][i] and not train["samples"][i]:
+            log.warning(
+                "label %d (%s): %d document(s), %d tokens, too few for one train sample of seq_len + 1 tokens; dropped",
+                i,
+                name,
+                train["documents"][i],
+                train["tokens"][i],
+            )
+    return {
+        "source": labeler.spec,
+        "count": len(names),
+        "names": names,
+        "column": "label",
+        "splits": per_split,
+    }
 
 
 # ---------------------------------------------------------------------------------------------- reading back
@@ -723,6 +909,17 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--workers", type=int, default=_default_workers(), help="tokenizer processes (default: all cores)")
     p.add_argument("--text-field", default="text", help="JSON field / parquet column of the text (default text)")
     p.add_argument(
+        "--labels",
+        metavar="input|field:NAME",
+        help="record a label per sample (model.adaln's condition): the --input argument a document came from, or "
+        "a JSON field / parquet column (strings, or non-negative integers taken as ids); each label is packed apart",
+    )
+    p.add_argument(
+        "--label-names",
+        metavar="A,B,...",
+        help="with --labels: the labels' names in id order (input: one per --input; field: the allowed strings)",
+    )
+    p.add_argument(
         "--shard-size-limit",
         default=str(DEFAULT_SHARD_SIZE_LIMIT),
         help="uncompressed bytes per shard, e.g. 67108864 or 64mb (default 64 MiB)",
@@ -756,6 +953,8 @@ def main(argv: list[str] | None = None) -> int:
             text_field=args.text_field,
             shard_size_limit=args.shard_size_limit,
             progress=not args.no_progress,
+            labels=args.labels,
+            label_names=args.label_names.split(",") if args.label_names is not None else None,
         )
     except KeyboardInterrupt:
         print(f"tplus prepare: interrupted; nothing was written at {args.out}", file=sys.stderr)
@@ -774,6 +973,12 @@ def main(argv: list[str] | None = None) -> int:
             f"{name}: {s['samples']} samples of {manifest['seq_len'] + 1} tokens, {s['documents']} documents, "
             f"{s['tokens']} tokens ({s['dropped_tail_tokens']} dropped at the tail), {len(s['shards'])} shard(s)"
         )
+    if "labels" in manifest:
+        lab = manifest["labels"]
+        train = lab["splits"]["train"]["samples"]
+        shown = ", ".join(f"{i} {n}: {train[i]}" for i, n in enumerate(lab["names"][:20]))
+        more = f", ... ({lab['count']} labels)" if lab["count"] > 20 else ""
+        print(f"labels ({lab['source']}), train samples per label: {shown}{more}")
     t = manifest["timing"]
     print(f"wrote {args.out} in {t['seconds']:.1f} s ({t['tokens_per_s']:,} tokens/s while tokenizing)")
     return 0

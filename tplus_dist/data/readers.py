@@ -8,7 +8,10 @@ Supported inputs (by suffix):
   (already needed for parquet), so no extra package is required.
 - ``.parquet``: the named string column, read batch by batch.
 
-Every problem is a :class:`InputError` naming the file (and line or row) and the reason.
+Each reader yields records (text, label, where): ``label`` is the value of ``label_field`` (a string or a
+non-negative integer; None when no label field is asked for) and ``where`` names the file and line or row, for
+error messages further on. Every problem is a :class:`InputError` naming the file (and line or row) and the
+reason.
 """
 
 from __future__ import annotations
@@ -23,6 +26,9 @@ import zlib
 from collections.abc import Iterable, Iterator, Sequence
 from pathlib import Path
 from typing import Any, BinaryIO
+
+Record = tuple[str, str | int | None, str]
+"""(text, label, where) of one document."""
 
 log = logging.getLogger(__name__)
 
@@ -85,11 +91,19 @@ def resolve_inputs(specs: Sequence[str]) -> list[Path]:
 
     An explicitly named file (or one a glob matched) must have a supported suffix; inside directories, files
     with other suffixes are skipped (and counted in a log line)."""
+    return [p for group in resolve_input_groups(specs) for p in group]
+
+
+def resolve_input_groups(specs: Sequence[str]) -> list[list[Path]]:
+    """:func:`resolve_inputs` per spec: the files each spec adds (a file named by two specs belongs to the
+    first; a spec may then add none)."""
     if not specs:
         raise InputError("no input given")
-    out: list[Path] = []
+    groups: list[list[Path]] = []
     seen: set[Path] = set()
     for spec in specs:
+        out: list[Path] = []
+        groups.append(out)
         if _is_glob(spec):
             matches = sorted(glob.glob(spec, recursive=True))
             if not matches:
@@ -109,7 +123,7 @@ def resolve_inputs(specs: Sequence[str]) -> list[Path]:
                     continue
                 seen.add(key)
                 out.append(f)
-    return out
+    return groups
 
 
 class _ArrowRaw(io.RawIOBase):
@@ -151,21 +165,35 @@ def _utf8_error(path: Path, e: UnicodeDecodeError, where: str) -> InputError:
     return InputError(f"{path}{where}: not valid UTF-8 ({e.reason} at byte {e.start})")
 
 
-def read_txt(path: Path) -> Iterator[str]:
+def read_txt(path: Path, label_field: str | None = None) -> Iterator[Record]:
     """The file as one document."""
+    if label_field is not None:
+        raise InputError(f"{path}: a .txt file has no fields to read the label {label_field!r} from")
     try:
         data = path.read_bytes()
     except OSError as e:
         raise InputError(f"{path}: cannot read ({e.strerror or e})") from None
     try:
-        yield data.decode("utf-8-sig")
+        text = data.decode("utf-8-sig")
     except UnicodeDecodeError as e:
         line = data.count(b"\n", 0, e.start) + 1
         raise _utf8_error(path, e, f":{line}") from None
+    yield text, None, str(path)
 
 
-def read_jsonl(path: Path, text_field: str) -> Iterator[str]:
-    """The ``text_field`` string of each line's JSON object (plain, gzip or zstd file)."""
+def check_label(value: Any, field: str, where: str) -> str | int:
+    """A label value as read: a string or a non-negative integer (JSON booleans and floats are refused)."""
+    if isinstance(value, str) or (isinstance(value, int) and not isinstance(value, bool) and value >= 0):
+        return value
+    if value is None or isinstance(value, bool):
+        kind = "null" if value is None else "bool"
+    else:
+        kind = f"{value!r}" if isinstance(value, int) else type(value).__name__
+    raise InputError(f"{where}: label field {field!r} is {kind}, not a string or a non-negative integer")
+
+
+def read_jsonl(path: Path, text_field: str, label_field: str | None = None) -> Iterator[Record]:
+    """The ``text_field`` string (and ``label_field`` value) of each line's JSON object (plain, gzip or zstd)."""
     lineno = 0
     with _open_binary(path) as f:
         while True:
@@ -195,11 +223,18 @@ def read_jsonl(path: Path, text_field: str) -> Iterator[str]:
             if not isinstance(text, str):
                 kind = "null" if text is None else type(text).__name__
                 raise InputError(f"{path}:{lineno}: field {text_field!r} is {kind}, not a string")
-            yield text
+            where = f"{path}:{lineno}"
+            if label_field is None:
+                yield text, None, where
+                continue
+            if label_field not in obj:
+                fields = ", ".join(sorted(obj)[:10])
+                raise InputError(f"{where}: no label field {label_field!r} (fields: {fields})")
+            yield text, check_label(obj[label_field], label_field, where), where
 
 
-def read_parquet(path: Path, text_field: str) -> Iterator[str]:
-    """The ``text_field`` column, read a batch of rows at a time."""
+def read_parquet(path: Path, text_field: str, label_field: str | None = None) -> Iterator[Record]:
+    """The ``text_field`` column (and ``label_field``), read a batch of rows at a time."""
     import pyarrow as pa
     import pyarrow.parquet as pq
 
@@ -213,31 +248,48 @@ def read_parquet(path: Path, text_field: str) -> Iterator[str]:
     col_type = schema.field(text_field).type
     if not (pa.types.is_string(col_type) or pa.types.is_large_string(col_type)):
         raise InputError(f"{path}: column {text_field!r} is {col_type}, not a string")
+    columns = [text_field]
+    if label_field is not None:
+        if label_field not in schema.names:
+            names = ", ".join(schema.names[:10]) or "none"
+            raise InputError(f"{path}: no label column {label_field!r} (columns: {names})")
+        columns.append(label_field)
     row = 0
     try:
-        for batch in pf.iter_batches(batch_size=_PARQUET_BATCH_ROWS, columns=[text_field]):
-            for value in batch.column(0).to_pylist():
+        for batch in pf.iter_batches(batch_size=_PARQUET_BATCH_ROWS, columns=columns):
+            labels = batch.column(1).to_pylist() if label_field is not None else None
+            for i, value in enumerate(batch.column(0).to_pylist()):
                 row += 1
                 if value is None:
                     raise InputError(f"{path}: row {row}: column {text_field!r} is null, not a string")
-                yield value
+                where = f"{path}: row {row}"
+                if labels is None or label_field is None:
+                    yield value, None, where
+                else:
+                    yield value, check_label(labels[i], label_field, where), where
     except UnicodeDecodeError as e:
         raise _utf8_error(path, e, f": row {row + 1}") from None
     except (OSError, pa.ArrowException) as e:
         raise InputError(f"{path}: row {row + 1}: cannot read ({e})") from None
 
 
-def read_file(path: Path, text_field: str = "text") -> Iterator[str]:
-    """The documents of one file, chosen by its suffix."""
+def read_records(path: Path, text_field: str = "text", label_field: str | None = None) -> Iterator[Record]:
+    """The documents of one file as (text, label, where), chosen by its suffix."""
     suffix = suffix_of(path)
     if suffix == ".txt":
-        yield from read_txt(path)
+        yield from read_txt(path, label_field)
     elif suffix in (".jsonl", ".jsonl.gz", ".jsonl.zst"):
-        yield from read_jsonl(path, text_field)
+        yield from read_jsonl(path, text_field, label_field)
     elif suffix == ".parquet":
-        yield from read_parquet(path, text_field)
+        yield from read_parquet(path, text_field, label_field)
     else:
         raise InputError(f"{path}: unsupported suffix (supported: {', '.join(SUFFIXES)})")
+
+
+def read_file(path: Path, text_field: str = "text") -> Iterator[str]:
+    """The documents of one file, chosen by its suffix."""
+    for text, _, _ in read_records(path, text_field):
+        yield text
 
 
 def iter_documents(paths: Iterable[Path], text_field: str = "text") -> Iterator[str]:

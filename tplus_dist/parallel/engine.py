@@ -44,8 +44,8 @@ from tplus_dist.config.run import RunConfig
 # No periodic prints from the engine: our trainer logs.
 _NEVER = 10**12
 
-MicroBatch = tuple[torch.Tensor, torch.Tensor]
-"""(tokens [b, s], targets [b, s])."""
+MicroBatch = tuple[Any, ...]
+"""(tokens [b, s], targets [b, s]), or (tokens, targets, labels [b] or None)."""
 LossFn = Callable[[nn.Module, MicroBatch], torch.Tensor]
 
 
@@ -232,7 +232,8 @@ class EngineStepRunner:
         self.step = step
 
     def run(self, micro_batches: Sequence[Any], before_update: Callable[[], None]) -> tuple[dict[str, float], float]:
-        result = self.step.run_step([(mb.tokens, mb.targets) for mb in micro_batches], lambda _opt: before_update())
+        batches = [(mb.tokens, mb.targets, mb.labels) for mb in micro_batches]
+        result = self.step.run_step(batches, lambda _opt: before_update())
         if not math.isfinite(result.loss):  # the global mean is known only after the engine's step
             from tplus_dist.train.trainer import NonFiniteLossError
 

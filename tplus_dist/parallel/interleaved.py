@@ -174,6 +174,6 @@ class InterleavedStepRunner:
         return {"loss": float(mean)}, float("nan") if norm is None else float(norm)
 
     @torch.no_grad()
-    def evaluate(self, batches: Sequence[tuple[torch.Tensor, torch.Tensor]]) -> float:
-        losses = [self._run([(x, y)], train=False) for x, y in batches]
+    def evaluate(self, batches: Sequence[Any]) -> float:
+        losses = [self._run([(mb.tokens, mb.targets)], train=False) for mb in batches]
         return sum(losses) / len(losses)

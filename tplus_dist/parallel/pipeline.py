@@ -182,10 +182,11 @@ class PipelineStepRunner:
         norm = eng.get_global_grad_norm()
         return {"loss": loss}, float("nan") if norm is None else float(norm)
 
-    def evaluate(self, batches: Sequence[tuple[torch.Tensor, torch.Tensor]]) -> float:
+    def evaluate(self, batches: Sequence[Any]) -> float:
         """Mean loss over ``batches`` (one micro-batch each), through the pipeline; the same on every rank."""
         losses = []
-        for x, y in batches:
-            out = self.engine.eval_batch(iter([(x.to(self.device), y.to(self.device))]), num_micro_batches=1)
+        for mb in batches:
+            x, y = mb.tokens.to(self.device), mb.targets.to(self.device)
+            out = self.engine.eval_batch(iter([(x, y)]), num_micro_batches=1)
             losses.append(float(out))
         return sum(losses) / len(losses)

@@ -95,6 +95,36 @@ def total_tokens(cfg: RunConfig, ramp: BatchRamp) -> int:
     return tokens
 
 
+def data_labels(cfg: RunConfig, manifest: dict[str, Any], shards: str) -> bool:
+    """Whether the loader reads each sample's label for the model (data.labels), after checking that the shards'
+    labels exist and fit model.n_conditions: a label the model cannot embed stops the run before it starts."""
+    labels = manifest.get("labels")
+    conditioned = cfg.model.adaln != "none"
+    if cfg.data.labels is True and labels is None:
+        raise ConfigError(
+            "data.labels",
+            f"is true, but the shards at {shards} carry no labels: prepare them with `tplus prepare --labels "
+            "input` (the input a document came from) or `--labels field:NAME`",
+        )
+    if labels is None:
+        if conditioned and cfg.data.labels is None and int(os.environ.get("RANK", "0")) == 0:
+            print(
+                f"tplus: warning: model.adaln is {cfg.model.adaln}, but the shards at {shards} carry no labels: "
+                "every sequence trains unconditioned, as the plain model would",
+                flush=True,
+            )
+        return False
+    if not conditioned or cfg.data.labels is False:
+        return False
+    if labels["count"] > cfg.model.n_conditions:
+        raise ConfigError(
+            "model.n_conditions",
+            f"({cfg.model.n_conditions}) is smaller than the {labels['count']} labels ({labels['source']}) of the "
+            f"shards at {shards} (ids 0 .. {labels['count'] - 1}); raise it, or set data.labels false",
+        )
+    return True
+
+
 def build_data(cfg: RunConfig, dp_size: int = 1, dp_rank: int = 0) -> Data:
     """Open the shards and check they fit the model and the run, before any work is saved."""
     shards = ensure_prepared(cfg)
@@ -110,6 +140,7 @@ def build_data(cfg: RunConfig, dp_size: int = 1, dp_rank: int = 0) -> Data:
             "model.vocab_size",
             f"({cfg.model.vocab_size}) is smaller than the tokenizer's vocabulary ({vocab}) of the shards at {shards}",
         )
+    use_labels = data_labels(cfg, manifest, shards)
     d = cfg.data
     train = ShardBatches(
         open_split(shards, "train", d.cache_dir),
@@ -122,11 +153,16 @@ def build_data(cfg: RunConfig, dp_size: int = 1, dp_rank: int = 0) -> Data:
         dp_size=dp_size,
         dp_rank=dp_rank,
         num_workers=d.num_workers,
+        labels=use_labels,
     )
     val = None
     if manifest["splits"].get("val", {}).get("samples", 0) > 0 and cfg.train.eval_interval > 0:
         val = EvalBatches(
-            open_split(shards, "val", d.cache_dir), cfg.seq_len, cfg.train.micro_batch_size, cfg.train.eval_batches
+            open_split(shards, "val", d.cache_dir),
+            cfg.seq_len,
+            cfg.train.micro_batch_size,
+            cfg.train.eval_batches,
+            labels=use_labels,
         )
     return Data(train, val, shards, manifest)
 
@@ -358,8 +394,9 @@ def build_trainer(cfg: RunConfig, run_dir: Path | None = None, stop: Any = None)
     if engine is not None:
         from tplus_dist.parallel.engine import EngineStep, EngineStepRunner
 
-        def loss_fn(_engine: torch.nn.Module, mb: tuple[torch.Tensor, torch.Tensor]) -> torch.Tensor:
-            return trainer.loss_on(mb[0].to(device), mb[1].to(device))[0]
+        def loss_fn(_engine: torch.nn.Module, mb: tuple[torch.Tensor, ...]) -> torch.Tensor:
+            labels = mb[2] if len(mb) > 2 else None  # (tokens, targets, labels)
+            return trainer.loss_on(mb[0].to(device), mb[1].to(device), labels)[0]
 
         if layout.groups.dims.pp > 1 and (layout.groups.dims.vpp or 1) > 1:
             from tplus_dist.parallel.interleaved import InterleavedChunks, InterleavedStepRunner

@@ -65,7 +65,7 @@ class LocalStepRunner:
         totals: dict[str, float] = {}
         n = len(micro_batches)
         for mb in micro_batches:
-            for k, v in t.forward_backward_step(mb.tokens, mb.targets, 1.0 / n).items():
+            for k, v in t.forward_backward_step(mb.tokens, mb.targets, 1.0 / n, mb.labels).items():
                 totals[k] = totals.get(k, 0.0) + v / n
         if not math.isfinite(totals["loss"]):
             raise NonFiniteLossError(f"loss is {totals['loss']} at step {t.state.step + 1}")
@@ -113,7 +113,7 @@ class Trainer:
         optimizer: torch.optim.Optimizer,
         scheduler: LRScheduler,
         train_data: StepSource,
-        val_data: Iterable[tuple[torch.Tensor, torch.Tensor]] | None,
+        val_data: Iterable[MicroBatch] | None,
         device: torch.device,
         hooks: list[Hook] | None = None,
         peak_flops: float | None = None,
@@ -163,14 +163,19 @@ class Trainer:
         # weights stay fp32 (the optimizer's master copy); matmuls run in bf16
         return torch.autocast(self.device.type, dtype=self.autocast_dtype)
 
-    def loss_on(self, tokens: torch.Tensor, targets: torch.Tensor) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    def loss_on(
+        self, tokens: torch.Tensor, targets: torch.Tensor, labels: torch.Tensor | None = None
+    ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        """The loss of one micro-batch; ``labels`` (each sequence's condition, model.adaln) when the data has them."""
         with self._autocast():
-            logits = self.model(tokens)
+            logits = self.model(tokens) if labels is None else self.model(tokens, labels.to(self.device))
         return self.loss_fn(logits, targets)
 
-    def forward_backward_step(self, tokens: torch.Tensor, targets: torch.Tensor, scale: float) -> dict[str, float]:
+    def forward_backward_step(
+        self, tokens: torch.Tensor, targets: torch.Tensor, scale: float, labels: torch.Tensor | None = None
+    ) -> dict[str, float]:
         """Forward and backward one micro-batch; gradients accumulate, scaled by ``scale``."""
-        loss, parts = self.loss_on(tokens.to(self.device), targets.to(self.device))
+        loss, parts = self.loss_on(tokens.to(self.device), targets.to(self.device), labels)
         (loss * scale).backward()
         return {"loss": loss.item(), **{k: v.item() for k, v in parts.items()}}
 
@@ -212,7 +217,10 @@ class Trainer:
         if callable(run_eval):
             return float(run_eval(list(self.val_data)))
         self.model.eval()
-        losses = [self.loss_on(x.to(self.device), y.to(self.device))[0].item() for x, y in self.val_data]
+        losses = [
+            self.loss_on(mb.tokens.to(self.device), mb.targets.to(self.device), mb.labels)[0].item()
+            for mb in self.val_data
+        ]
         self.model.train()
         return sum(losses) / len(losses)
 
