@@ -110,6 +110,24 @@ def test_bad_relative_bias_settings_name_the_field():
     assert info.value.field == "model.t5_bias_shared" and "a table per layer" in info.value.reason
 
 
+@pytest.mark.parametrize(
+    ("overrides", "field", "reason"),
+    [
+        (["--model.position=alibi", "--model.t5_bias_buckets=16"], "model.t5_bias_buckets", "position t5_bias"),
+        (["--model.position=alibi", "--model.t5_bias_shared=false"], "model.t5_bias_shared", "'alibi'"),
+        (["--model.position=rope", "--model.shaw_max_distance=8"], "model.shaw_max_distance", "position shaw"),
+        (["--model.position=shaw", "--model.t5_bias_max_distance=64"], "model.t5_bias_max_distance", "'shaw'"),
+        (["--model.position=[alibi, t5_bias]"], "model.position", "must be one of"),
+    ],
+)
+def test_relative_positions_combined_with_another_position_are_named(
+    overrides: list[str], field: str, reason: str
+) -> None:
+    with pytest.raises(ConfigError) as info:
+        load_config(overrides=overrides)
+    assert info.value.field == field and reason in info.value.reason, (info.value.field, info.value.reason)
+
+
 # ------------------------------------------------------------------------------------------- Shaw et al. 2018
 
 

@@ -11,6 +11,13 @@ from tplus_dist.config.base import check
 NormKind = Literal["layernorm", "rmsnorm", "biasnorm"]
 NormPlacement = Literal["pre", "post", "sandwich"]
 PositionKind = Literal["learned", "sinusoidal", "rope", "alibi", "t5_bias", "shaw", "none"]
+RELATIVE_POSITION_FIELDS = {
+    "t5_bias_buckets": "t5_bias",
+    "t5_bias_max_distance": "t5_bias",
+    "t5_bias_shared": "t5_bias",
+    "shaw_max_distance": "shaw",
+}
+"""The settings of each learned relative-position choice (refused with another position)."""
 QKNormKind = Literal["none", "rmsnorm", "layernorm"]
 Activation = Literal[
     "gelu", "gelu_tanh", "relu", "silu", "swooshr", "swooshl", "swiglu", "geglu", "geglu_tanh", "reglu"
@@ -240,6 +247,17 @@ class ModelConfig:
                 f"RoPE rotates pairs of dimensions, so head_dim must be even, got {self.dim_head}",
             )
             check(self.rope_dim > 0, p + "rope_fraction", "rotates no dimension of head_dim")
+        # A relative-position setting belongs to its choice: given with another position it would be ignored
+        # silently (ALiBi plus T5 buckets, RoPE plus a Shaw clip), so it is named instead.
+        defaults = ModelConfig.__dataclass_fields__
+        for name, owner in RELATIVE_POSITION_FIELDS.items():
+            value = getattr(self, name)
+            check(
+                self.position == owner or value == defaults[name].default,
+                p + name,
+                f"({value}) is a setting of position {owner}, but model.position is {self.position!r}: one position "
+                f"choice at a time; remove {name}, or set position: {owner}",
+            )
         if self.position == "t5_bias":
             check(self.t5_bias_buckets >= 2, p + "t5_bias_buckets", f"must be at least 2, got {self.t5_bias_buckets}")
             check(
