@@ -148,26 +148,27 @@ def test_loader_carries_each_samples_label(labeled: Path, tmp_path: Path) -> Non
 
 
 def _config(labeled: Path, tmp_path: Path, *extra: str) -> RunConfig:
-    return load_config(
-        "configs/tiny.yaml",
-        [
-            f"--model.seq_len={SEQ}",
-            "--train.steps=3",
-            "--train.micro_batch_size=4",
-            "--train.eval_interval=3",
-            "--train.eval_batches=2",
-            "--log.progress=false",
-            "--log.tensorboard=false",
-            "--checkpoint.interval_steps=0",
-            "--checkpoint.at_end=false",
-            f"--data.shards={labeled}",
-            f"--data.cache_dir={tmp_path / 'cache'}",
-            f"--log.run_dir={tmp_path / 'run'}",
-            "--model.adaln=adaln_zero",
-            "--model.n_conditions=3",
-            *extra,
-        ],
-    )
+    return load_config("configs/tiny.yaml", _config_args(labeled, tmp_path, *extra))
+
+
+def _config_args(labeled: Path, tmp_path: Path, *extra: str) -> list[str]:
+    return [
+        f"--model.seq_len={SEQ}",
+        "--train.steps=3",
+        "--train.micro_batch_size=4",
+        "--train.eval_interval=3",
+        "--train.eval_batches=2",
+        "--log.progress=false",
+        "--log.tensorboard=false",
+        "--checkpoint.interval_steps=0",
+        "--checkpoint.at_end=false",
+        f"--data.shards={labeled}",
+        f"--data.cache_dir={tmp_path / 'cache'}",
+        f"--log.run_dir={tmp_path / 'run'}",
+        "--model.adaln=adaln_zero",
+        "--model.n_conditions=3",
+        *extra,
+    ]
 
 
 def _ada(trainer: Trainer) -> dict[str, torch.Tensor]:
@@ -204,3 +205,12 @@ def test_labels_are_checked_before_the_run_starts(
         build_trainer(_config(plain, tmp_path, "--data.labels=true"))
     build_trainer(_config(plain, tmp_path))  # null: trains unconditioned, and says so
     assert "carry no labels: every sequence trains unconditioned" in capsys.readouterr().out
+
+
+def test_a_labeled_run_resumes_bit_for_bit(labeled: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    from tplus_dist.cli import main
+
+    args = [a for a in _config_args(labeled, tmp_path) if not a.startswith(("--train.steps", "--checkpoint."))]
+    rc = main(["verify-resume", "configs/tiny.yaml", *args, "--steps", "4", "--at", "2", "--work-dir", str(tmp_path)])
+    out = capsys.readouterr().out
+    assert rc == 0 and "the continuation matches bit for bit (4 steps" in out, out
