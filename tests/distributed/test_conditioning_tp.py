@@ -16,6 +16,14 @@ from tplus_dist.spawn import run_distributed
 MODEL = ["--model.adaln=adaln_zero", "--model.n_conditions=3", "--model.n_kv_heads=2"]
 
 
+def give_modulation_values(model: torch.nn.Module, gen: torch.Generator) -> None:
+    """adaLN's modulation starts at zero: give it values, the same on every rank (drawn whole, in name order)."""
+    with torch.no_grad():
+        for name, p in sorted(model.named_parameters()):
+            if name.endswith(".ada.weight"):
+                p.copy_(torch.randn(p.shape, generator=gen) * 0.05)
+
+
 def forward_backward(overrides: list[str]) -> dict[str, Any]:
     from tplus_dist.train.run import build_decoder, seed_everything, setup_layout
 
@@ -24,10 +32,7 @@ def forward_backward(overrides: list[str]) -> dict[str, Any]:
     seed_everything(cfg.train.seed)
     model = build_decoder(cfg, layout, torch.device("cpu"))
     gen = torch.Generator().manual_seed(7)
-    with torch.no_grad():  # the modulation starts at zero: give it values, the same on every rank
-        for name, p in sorted(model.named_parameters()):
-            if name.endswith(".ada.weight"):
-                p.copy_(torch.randn(p.shape, generator=gen) * 0.05)
+    give_modulation_values(model, gen)
     tokens = torch.randint(0, cfg.model.vocab_size, (4, 33), generator=gen)
     labels = torch.tensor([0, 1, 2, 1])
     loss, _ = model.loss(model(tokens[:, :-1], labels), tokens[:, 1:])

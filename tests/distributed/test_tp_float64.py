@@ -18,6 +18,7 @@ from typing import Any
 import pytest
 import torch
 
+from tests.distributed.test_conditioning_tp import give_modulation_values
 from tests.distributed.test_tp_training import CHOICES
 from tplus_dist.config import load_config
 from tplus_dist.spawn import run_distributed
@@ -58,10 +59,7 @@ def loss_and_grads(overrides: list[str]) -> tuple[float, dict[str, torch.Tensor]
     seed_everything(cfg.train.seed)
     model = build_decoder(cfg, layout, torch.device("cpu")).to(torch.float64)  # fp32 init values, as in training
     gen = torch.Generator().manual_seed(7)
-    with torch.no_grad():  # adaLN's modulation starts at zero: give it values, the same on every rank
-        for name, p in sorted(model.named_parameters()):
-            if name.endswith(".ada.weight"):
-                p.copy_(torch.randn(p.shape, generator=gen, dtype=torch.float64) * 0.05)
+    give_modulation_values(model, gen)
     tokens = torch.randint(0, cfg.model.vocab_size, (4, 65), generator=gen)
     labels = torch.tensor([0, 1, 2, 1]) if cfg.model.adaln != "none" else None
     logits = model(tokens[:, :-1], labels) if labels is not None else model(tokens[:, :-1])

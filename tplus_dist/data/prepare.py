@@ -58,7 +58,6 @@ import numpy as np
 from tplus_dist.data.readers import (
     InputError,
     PrepareError,
-    iter_documents,
     read_records,
     resolve_input_groups,
 )
@@ -435,16 +434,6 @@ def _parse_size(text: str | int) -> int:
 # ---------------------------------------------------------------------------------------------- prepare
 
 
-def _documents(paths: list[Path], text_field: str, counts: dict[str, int]) -> Iterator[str]:
-    """Non-empty documents (an empty one would be a lone EOS); counts what was skipped."""
-    for d in iter_documents(paths, text_field):
-        if d:
-            counts["documents"] += 1
-            yield d
-        else:
-            counts["empty"] += 1
-
-
 MAX_LABELS = 1 << 20
 """More label ids than this is a mistake (a document id taken for a label), not a condition to embed."""
 
@@ -511,10 +500,11 @@ class Labeler:
 def _labeled_documents(
     groups: list[list[Path]], text_field: str, labeler: Labeler | None, counts: dict[str, int]
 ) -> Iterator[tuple[str, int | None]]:
-    """Non-empty documents with their label ids (None without --labels); counts what was skipped."""
+    """Non-empty documents (an empty one would be a lone EOS) with their label ids (None without --labels);
+    counts what was skipped."""
+    field = labeler.field if labeler is not None else None
     for g, paths in enumerate(groups):
         for path in paths:
-            field = labeler.field if labeler is not None else None
             for text, value, where in read_records(path, text_field, field):
                 if not text:
                     counts["empty"] += 1
@@ -523,8 +513,7 @@ def _labeled_documents(
                 if labeler is None:
                     yield text, None
                 elif field is None:
-                    labeler.max_id = max(labeler.max_id, g)
-                    yield text, g
+                    yield text, g  # --labels input: the input's index
                 else:
                     yield text, labeler.id_of(value, where)
 
@@ -559,7 +548,7 @@ def _save_tokenizer(
     if spec.startswith("train:"):
         counts = {"documents": 0, "empty": 0}
         log.info("training a byte-level BPE (%s) on the input: one pass", spec)
-        tok = build_tokenizer(spec, _documents(paths, text_field, counts))
+        tok = build_tokenizer(spec, (text for text, _ in _labeled_documents([paths], text_field, None, counts)))
         if counts["documents"] == 0:
             raise InputError(f"empty corpus: the {len(paths)} input file(s) hold no non-empty document")
     else:
