@@ -25,13 +25,13 @@ from typing import Any
 
 import numpy as np
 import torch
-import torch.distributed as dist
 
 from tplus_dist.checkpoint.sharded import build_index, load_state, snapshot_state, write_state
 from tplus_dist.checkpoint.store import (
     FORMAT_VERSION,
     Checkpoint,
     CheckpointError,
+    CheckpointSaveError,
     file_entries,
     find_checkpoint,
     new_staging_dir,
@@ -42,43 +42,10 @@ from tplus_dist.checkpoint.store import (
     verify_files,
 )
 from tplus_dist.config import ConfigError, RunConfig, to_dict
+from tplus_dist.faults import active, inject
+from tplus_dist.parallel import comm
 
 TRAINER_DIR = "trainer"
-
-
-def _distributed() -> bool:
-    return dist.is_available() and dist.is_initialized()
-
-
-def _rank() -> int:
-    return dist.get_rank() if _distributed() else 0
-
-
-def _world() -> int:
-    return dist.get_world_size() if _distributed() else 1
-
-
-def _broadcast(value: Any) -> Any:
-    if not _distributed():
-        return value
-    box = [value]
-    dist.broadcast_object_list(box, src=0)
-    return box[0]
-
-
-def _all_gather(value: Any) -> list[Any]:
-    if not _distributed():
-        return [value]
-    out: list[Any] = [None] * _world()
-    dist.all_gather_object(out, value)
-    return out
-
-
-def _agree(error: str | None) -> None:
-    """Raise on every rank if any rank failed (the first failure's message), so no rank waits for the others."""
-    errors = [e for e in _all_gather(error) if e]
-    if errors:
-        raise CheckpointError(errors[0])
 
 
 # ------------------------------------------------------------------ RNG state as plain data (weights_only loads)
@@ -142,6 +109,8 @@ class SaveResult:
     stall: float
     """How long the step loop waited: the whole save, or only the snapshot of a background save."""
     step: int = 0
+    note: str | None = None
+    """A line for the log when a checkpoint of the same step already existed (see store.publish)."""
 
 
 @dataclass
@@ -160,13 +129,18 @@ class _Pending:
 
 
 class CheckpointManager:
-    """Save into / load from ``root`` for this rank (call on every rank of a distributed run)."""
+    """Save into / load from ``root`` for this rank (call on every rank of a distributed run). ``run``: the owning
+    run's identity ({"id", "dir"}, train/rundir.py), recorded in every manifest so that a run resumes only its own
+    checkpoints."""
 
-    def __init__(self, cfg: RunConfig, root: Path) -> None:
+    def __init__(self, cfg: RunConfig, root: Path, run: dict[str, str] | None = None) -> None:
         self.cfg = cfg
         self.ck = cfg.checkpoint
         self.root = root
+        self.run = run
         self.pending: _Pending | None = None
+        self.verified: Path | None = None
+        """A checkpoint whose files :meth:`select` verified (load does not read them twice)."""
         self._buffers: dict[str, torch.Tensor] = {}  # host copies reused by background saves
 
     # ------------------------------------------------------------------------------------------------- save
@@ -188,7 +162,7 @@ class CheckpointManager:
             self.wait()  # one save at a time, in order
         t0 = time.perf_counter()
         step = int(trainer.state.step)
-        rank = _rank()
+        rank = comm.rank()
         error = None
         staging: Path | None = None
         if rank == 0:
@@ -196,8 +170,9 @@ class CheckpointManager:
                 staging = new_staging_dir(self.root, step)
             except OSError as e:
                 error = f"cannot create a checkpoint directory under {self.root}: {e}"
-        _agree(error)
-        staging = Path(_broadcast(str(staging)))
+        comm.agree(error, CheckpointSaveError)
+        staging = Path(comm.broadcast(str(staging)))
+        inject("save.before_files", step)
         job = _Pending(step, staging, t0, self._manifest_head(trainer), [])
         tensors: list[tuple[str, torch.Tensor]] = []
         own: dict[str, Any] = {}
@@ -232,35 +207,40 @@ class CheckpointManager:
         """Write this rank's files and checksum them (in a thread for a background save: errors are kept)."""
         try:
             state = write_state(job.staging, rank, tensors)
+            if active("save.mid_file", job.step):  # as if the process died while the file was half written
+                with state.open("r+b") as f:
+                    f.truncate(state.stat().st_size // 2)
+                inject("save.mid_file", job.step)
             (job.staging / TRAINER_DIR).mkdir(exist_ok=True)
             trainer_file = job.staging / TRAINER_DIR / f"rank{rank:05d}.pt"
             torch.save(own, trainer_file)
             names = [str(f.relative_to(job.staging)) for f in (state, trainer_file)]
             job.entries = file_entries(job.staging, names)
+            inject("save.after_state", job.step)
         except (OSError, RuntimeError, TypeError) as e:  # a full disk, a permission
             job.error = f"saving step {job.step} into {job.staging} failed on rank {rank}: {e}"
 
     def _finish(self, job: _Pending) -> SaveResult:
         """Every rank: agree that every rank's files are written, then rank 0 publishes the manifest."""
         self.pending = None
-        _agree(job.error)
-        all_metas = [m for part in _all_gather(job.metas) for m in part]
+        comm.agree(job.error, CheckpointSaveError)
+        all_metas = [m for part in comm.all_gather(job.metas) for m in part]
         entries: dict[str, Any] = {}
-        for part in _all_gather(job.entries):
+        for part in comm.all_gather(job.entries):
             entries.update(part)
-        error, final = None, None
-        if _rank() == 0:
+        error, final, note = None, None, None
+        if comm.rank() == 0:
             try:
                 manifest = {**job.head, "state": build_index(all_metas), "files": entries}
-                final = publish(job.staging, manifest)
+                final, note = publish(job.staging, manifest)
                 prune(self.root, self.ck.keep_last, self.ck.keep_every, protect=[final])
             except (OSError, CheckpointError) as e:
                 error = f"publishing {job.staging} failed: {e}"
-        _agree(error)
-        final = Path(_broadcast(str(final)))
+        comm.agree(error, CheckpointSaveError)
+        final = Path(comm.broadcast(str(final)))
         seconds = time.perf_counter() - job.t0
         size = sum(e["bytes"] for e in entries.values())
-        return SaveResult(final, seconds, size, seconds if job.stall < 0 else job.stall, job.step)
+        return SaveResult(final, seconds, size, seconds if job.stall < 0 else job.stall, job.step, note)
 
     def pending_done(self) -> bool:
         """Whether this rank has no background save still writing (no collective)."""
@@ -289,20 +269,65 @@ class CheckpointManager:
             "layout": layout_of(trainer),
             "config": to_dict(self.cfg),
             "versions": _versions(),
+            **({"run": self.run} if self.run is not None else {}),
         }
 
     # ------------------------------------------------------------------------------------------------- load
     def find(self, path: Path) -> Checkpoint:
         """The checkpoint at ``path`` (resolved on rank 0, the same on every rank)."""
         error, found = None, None
-        if _rank() == 0:
+        if comm.rank() == 0:
             try:
                 found = str(find_checkpoint(path).path)
             except CheckpointError as e:
                 error = str(e)
-        _agree(error)
-        where = Path(_broadcast(found))
+        comm.agree(error, CheckpointError)
+        where = Path(comm.broadcast(found))
         return Checkpoint(where, read_manifest(where))
+
+    def select(self, candidates: list[Checkpoint]) -> Checkpoint | None:
+        """The newest of ``candidates`` (newest first, the same list on every rank) whose files all verify against
+        its manifest (each rank checks a share of the files; with checkpoint.verify false, the first). Rank 0
+        prints one line for each one skipped, saying what is wrong with it. Returns None when none verifies."""
+        rank, world = comm.rank(), comm.world()
+        for ckpt in candidates:
+            error = None
+            if self.ck.verify:
+                try:
+                    verify_files(ckpt, sorted(ckpt.manifest["files"])[rank::world])
+                except CheckpointError as e:
+                    error = str(e)
+            errors = [e for e in comm.all_gather(error) if e]
+            if not errors:
+                self.verified = ckpt.path
+                return ckpt
+            if rank == 0:
+                print(f"tplus: warning: not resuming from {ckpt.path}: {errors[0]}", flush=True)
+        return None
+
+    def owned(self, candidates: list[Checkpoint], legacy_ours: bool) -> list[Checkpoint]:
+        """The candidates this run owns (the manifest's run id is this run's). ConfigError naming checkpoint.dir
+        when another run's checkpoints are there: two runs in one directory would resume each other's state and
+        overwrite each other's `latest` and step names. A manifest without a run id (written before run ids) is
+        this run's when ``legacy_ours`` (the run directory already existed)."""
+        mine = None if self.run is None else self.run["id"]
+        ours, others = [], []
+        for c in candidates:
+            owner = c.manifest.get("run")
+            if (owner is None and legacy_ours) or (owner is not None and owner.get("id") == mine):
+                ours.append(c)
+            else:
+                others.append(c)
+        if others:
+            who = others[0].manifest.get("run") or {}
+            raise ConfigError(
+                "checkpoint.dir",
+                f"{self.root} holds checkpoints of another run ({who.get('dir', 'a run without a recorded id')}, "
+                f"{others[0].path.name}): two runs sharing a checkpoint directory would resume and overwrite each "
+                "other's checkpoints; give this run its own directory (checkpoint.dir may use {run_dir}), or resume "
+                "that run's checkpoint explicitly with --resume PATH into a run with its own checkpoint.dir",
+            )
+        return ours
 
     def check_model(self, ckpt: Checkpoint) -> None:
         """The model must be the one saved: ConfigError listing each field that differs."""
@@ -314,7 +339,7 @@ class CheckpointManager:
         if diffs:
             raise ConfigError("model", f"differs from the checkpoint {ckpt.path}: " + "; ".join(diffs))
 
-    def check_compatible(self, trainer: Any, ckpt: Checkpoint) -> None:
+    def check_compatible(self, ckpt: Checkpoint) -> None:
         """The model and the optimizer must be the ones saved (ConfigError naming what differs); the layout may
         differ (the state is resharded, see sharded.py)."""
         self.check_model(ckpt)
@@ -326,16 +351,16 @@ class CheckpointManager:
         """Load ``ckpt`` into ``trainer`` on this rank, on the saved layout or another one. On another layout the
         step, tokens, schedules and data position (a global sample index) come from rank 0's file, and so do the
         RNG states: per-rank random streams cannot map onto other ranks."""
-        rank, world = _rank(), _world()
-        self.check_compatible(trainer, ckpt)
+        rank, world = comm.rank(), comm.world()
+        self.check_compatible(ckpt)
         error = None
-        if self.ck.verify:
+        if self.ck.verify and ckpt.path != self.verified:
             names = sorted(ckpt.manifest["files"])
             try:
                 verify_files(ckpt, names[rank::world])
             except CheckpointError as e:
                 error = str(e)
-            _agree(error)
+            comm.agree(error, CheckpointError)
         same_layout = ckpt.manifest["layout"] == layout_of(trainer)
         own_file = ckpt.path / TRAINER_DIR / f"rank{rank if same_layout else 0:05d}.pt"
         if not own_file.is_file():
@@ -345,7 +370,7 @@ class CheckpointManager:
             load_state(trainer, ckpt.path, ckpt.manifest["state"])
         except CheckpointError as e:
             error = str(e)
-        _agree(error)
+        comm.agree(error, CheckpointError)
         engine = engine_of(trainer)
         if engine is not None:
             engine.global_steps = int(own["step"])  # DeepSpeed's own counter (logging, its timers)
@@ -356,5 +381,5 @@ class CheckpointManager:
 
     def clean_staging(self) -> None:
         """Remove staging directories of interrupted saves (rank 0, before training starts)."""
-        if _rank() == 0 and self.root.is_dir():
+        if comm.rank() == 0 and self.root.is_dir():
             remove_stale_staging(self.root)

@@ -10,6 +10,12 @@
 A checkpoint becomes visible by one rename of its staging directory, after every rank's files are written and
 checksummed; `latest` is replaced (rename) after that. A kill -9 or a full disk mid-save leaves a partial
 directory that nothing reads, and `latest` still names the previous, complete checkpoint.
+
+`latest` is a hint for people and other tools, not the truth: a kill between the rename and the update of
+`latest` leaves a complete checkpoint newer than the one `latest` names. A run starting from its checkpoints
+directory takes the newest complete checkpoint that verifies (:func:`complete_checkpoints`) and repairs `latest`
+(:func:`repair_latest`), and publishing a step that already exists accepts the existing checkpoint when it
+verifies and moves it aside (``.damaged-*``, never deleted) when it does not (:func:`publish`).
 """
 
 from __future__ import annotations
@@ -25,17 +31,24 @@ from typing import Any
 
 import xxhash
 
+from tplus_dist.faults import inject
 from tplus_dist.fsutil import fsync_dir
 
 MANIFEST = "manifest.json"
 LATEST = "latest"
 PARTIAL_PREFIX = ".partial-"
+DAMAGED_PREFIX = ".damaged-"
 FORMAT_VERSION = 2
 _CHUNK = 1 << 22
 
 
 class CheckpointError(RuntimeError):
     """A checkpoint that cannot be used: the message names the file or field and what is wrong."""
+
+
+class CheckpointSaveError(CheckpointError):
+    """A save that failed (a full disk, a permission, an error on one rank): the run fails (exit 1), and the
+    previous checkpoint stays the newest."""
 
 
 def step_name(step: int) -> str:
@@ -78,19 +91,35 @@ def file_entries(directory: Path, names: Iterable[str]) -> dict[str, dict[str, A
     return {n: {"bytes": (directory / n).stat().st_size, "xxh3_128": checksum(directory / n)} for n in names}
 
 
-def publish(staging: Path, manifest: dict[str, Any]) -> Path:
-    """Write the manifest into ``staging``, rename it to its final name, point ``latest`` at it. Returns the path.
+def publish(staging: Path, manifest: dict[str, Any]) -> tuple[Path, str | None]:
+    """Write the manifest into ``staging``, rename it to its final name, point ``latest`` at it. Returns the
+    published path and a note for the log when a checkpoint of that step already existed.
 
-    An existing checkpoint of the same step is never replaced: CheckpointError."""
-    final = staging.parent / step_name(int(manifest["step"]))
-    if final.exists():
-        raise CheckpointError(f"{final} already exists; a published checkpoint is never overwritten")
+    A published checkpoint is never overwritten. If one of the same step exists (a run killed after the rename and
+    before ``latest`` was updated, then retrained to that step) and verifies, it is kept, ``staging`` is removed
+    and ``latest`` names the existing one; if it does not verify, it is renamed aside to ``.damaged-step_...-N``
+    (kept for inspection) and this save is published in its place."""
+    step = int(manifest["step"])
+    final = staging.parent / step_name(step)
     write_atomic(staging / MANIFEST, json.dumps(manifest, indent=1, sort_keys=True))
     fsync_dir(staging)
+    inject("save.after_manifest", step)
+    note = None
+    if final.exists():
+        problem = checkpoint_problem(final)
+        if problem is None:
+            shutil.rmtree(staging)
+            write_atomic(final.parent / LATEST, final.name + "\n")
+            return final, f"{final} already existed and verifies; kept it (this save of the same step is discarded)"
+        aside = final.parent / f"{DAMAGED_PREFIX}{final.name}-{uuid.uuid4().hex[:8]}"
+        os.rename(final, aside)
+        note = f"{final} already existed but {problem}; moved it to {aside} and published this save"
     os.rename(staging, final)
     fsync_dir(final.parent)
+    inject("save.after_rename", step)
     write_atomic(final.parent / LATEST, final.name + "\n")
-    return final
+    inject("save.after_latest", step)
+    return final, note
 
 
 @dataclass(frozen=True)
@@ -117,18 +146,60 @@ def read_manifest(path: Path) -> dict[str, Any]:
     return manifest
 
 
+def complete_checkpoints(root: Path) -> list[Checkpoint]:
+    """The published checkpoints under ``root`` whose manifest is readable, newest step first (a directory whose
+    manifest is missing or unreadable is not a checkpoint: a save that never finished, or damage)."""
+    found = []
+    for p in root.glob("step_*") if root.is_dir() else ():
+        if not p.is_dir() or not (p / MANIFEST).is_file():
+            continue
+        try:
+            manifest = read_manifest(p)
+        except CheckpointError:
+            continue
+        if p.name == step_name(int(manifest.get("step", -1))):
+            found.append(Checkpoint(p, manifest))
+    return sorted(found, key=lambda c: c.step, reverse=True)
+
+
+def read_latest(root: Path) -> str | None:
+    """The name ``latest`` holds, or None when there is no (readable) ``latest``."""
+    try:
+        return (root / LATEST).read_text().strip() or None
+    except OSError:
+        return None
+
+
+def repair_latest(root: Path, ckpt: Checkpoint) -> str | None:
+    """Point ``root/latest`` at ``ckpt`` if it names something else; returns a line saying what was repaired, or
+    None when ``latest`` was right."""
+    named = read_latest(root)
+    if named == ckpt.path.name:
+        return None
+    write_atomic(root / LATEST, ckpt.path.name + "\n")
+    was = f"named {named}" if named else "was missing"
+    return f"{root / LATEST} {was}; {ckpt.path.name} is the newest complete checkpoint, latest now names it"
+
+
 def find_checkpoint(path: Path) -> Checkpoint:
-    """``path`` is a checkpoint directory, or a checkpoints directory whose ``latest`` names one."""
+    """``path`` is a checkpoint directory, or a checkpoints directory: then its newest complete checkpoint (the one
+    ``latest`` names, unless a kill left ``latest`` behind a newer complete one)."""
     if (path / MANIFEST).exists() or path.name.startswith("step_"):
         return Checkpoint(path, read_manifest(path))
-    latest = path / LATEST
-    if not latest.is_file():
-        raise CheckpointError(f"{path} holds no checkpoint: neither {MANIFEST} nor {LATEST} is there")
-    name = latest.read_text().strip()
-    target = path / name
-    if not target.is_dir():
-        raise CheckpointError(f"{latest} names {name}, which is not in {path}")
-    return Checkpoint(target, read_manifest(target))
+    found = complete_checkpoints(path)
+    if not found:
+        raise CheckpointError(f"{path} holds no checkpoint: neither {MANIFEST} nor a complete step_* directory")
+    return found[0]
+
+
+def checkpoint_problem(path: Path) -> str | None:
+    """What is wrong with the checkpoint at ``path`` (its manifest, or a file's presence, size or checksum), or
+    None when it verifies."""
+    try:
+        verify_files(Checkpoint(path, read_manifest(path)))
+    except CheckpointError as e:
+        return str(e)
+    return None
 
 
 def verify_files(ckpt: Checkpoint, names: Iterable[str] | None = None) -> None:

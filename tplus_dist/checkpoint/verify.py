@@ -86,16 +86,18 @@ class Report:
 
 def _run(cfg: RunConfig, run_dir: Path, until: int | None) -> tuple[list[dict[str, Any]], dict[str, torch.Tensor]]:
     """Train in ``run_dir`` (to step ``until``, then save; or to the end), return the metrics and whole parameters."""
-    from tplus_dist.checkpoint.manager import CheckpointManager
     from tplus_dist.parallel.groups import destroy_process_groups
     from tplus_dist.parallel.state import full_state_dict
-    from tplus_dist.train.run import build_trainer, checkpoint_root
+    from tplus_dist.train.run import build_trainer
 
     try:
         trainer, _ = build_trainer(cfg, run_dir)
-        history = trainer.fit(until=until)
-        if until is not None:
-            CheckpointManager(cfg, checkpoint_root(cfg, run_dir)).save(trainer)
+        try:
+            history = trainer.fit(until=until)
+            if until is not None:
+                trainer.checkpoints.save(trainer)
+        finally:
+            trainer.close()
         groups = trainer.layout.groups if trainer.layout is not None else None
         state = full_state_dict(
             trainer.model,
