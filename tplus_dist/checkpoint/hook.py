@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import sys
 import time
+from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
 import torch
@@ -20,16 +21,26 @@ if TYPE_CHECKING:
 class CheckpointHook(Hook):
     """Runs on every rank; the ranks agree on whether to save (an all-reduce of five flags per step: the four
     reasons to save and whether a background save is still writing somewhere), since each rank's clock, signals
-    and disk are its own."""
+    and disk are its own. Runs after the metrics file hook, so a step's row is on disk before its save starts;
+    ``log(step, values)`` (rank 0's metrics writer) then records the save's timings in a line of their own for that
+    step (``checkpoint_s``, ``checkpoint_stall_s``, ``checkpoint``)."""
 
     def __init__(
-        self, manager: CheckpointManager, stop: StopRequest | None, verbose: bool, background: bool = False
+        self,
+        manager: CheckpointManager,
+        stop: StopRequest | None,
+        verbose: bool,
+        background: bool = False,
+        log: Callable[[int, dict[str, Any]], None] | None = None,
     ) -> None:
         self.manager = manager
         self.stop = stop
         self.verbose = verbose
         self.background = background
+        self.log = log
         self.last_save = time.monotonic()
+        self.saved: SaveResult | None = None
+        """The last checkpoint published by this run (what a stopped run resumes from)."""
 
     def on_fit_start(self, trainer: Trainer) -> None:
         self.last_save = time.monotonic()
@@ -56,18 +67,25 @@ class CheckpointHook(Hook):
         if not (by_step or by_time or signalled or at_end):
             return
         if self.background and not (signalled or at_end):
-            metrics["checkpoint_stall_s"] = self.manager.save_in_background(trainer)
+            stall = self.manager.save_in_background(trainer)
+            metrics["checkpoint_stall_s"] = stall
+            self._log(step, {"checkpoint_stall_s": stall})
             self.last_save = time.monotonic()
             return
         result = self.manager.save(trainer)  # (a background save still writing is published first)
         self.last_save = time.monotonic()
         metrics["checkpoint_s"] = metrics["checkpoint_stall_s"] = result.seconds
+        self._log(step, {"checkpoint_s": result.seconds, "checkpoint_stall_s": result.seconds})
         self._report(result, "signal" if signalled else "end" if at_end else "interval")
         if signalled:
             trainer.stop_requested = True
             if self.verbose:
                 name = self.stop.signal_name if self.stop is not None and self.stop.signal_name else "a signal"
-                print(f"tplus: stopping after step {step} on {name}; resume with the same command", flush=True)
+                print(f"tplus: stopping after step {step} on {name}", flush=True)
+
+    def _log(self, step: int, values: dict[str, Any]) -> None:
+        if self.log is not None:
+            self.log(step, values)
 
     def on_fit_end(self, trainer: Trainer) -> None:
         if self.manager.pending is None:
@@ -77,8 +95,13 @@ class CheckpointHook(Hook):
         self._report(self.manager.wait(), "interval, in the background")  # published before the run ends
 
     def _report(self, result: SaveResult | None, why: str) -> None:
-        if result is None or not self.verbose:
+        if result is None:
             return
+        self.saved = result
+        if not self.verbose:
+            return
+        if result.note:
+            print(f"tplus: {result.note}", flush=True)
         stall = f"; the step loop waited {result.stall:.2f} s" if result.stall < result.seconds else ""
         print(
             f"tplus: saved step {result.step} ({why}) to {result.path}: {result.bytes / 1e6:.1f} MB in "

@@ -47,7 +47,8 @@ def mfu(tokens_per_s: float, flops_per_token: float, peak_flops: float | None, n
 
 
 class MetricsWriter:
-    """One JSON line per step in metrics.jsonl, and the same scalars in tensorboard."""
+    """One JSON line per step in metrics.jsonl (plus one for a step whose end saved a checkpoint, with the save's
+    timings: :func:`read_metrics` merges them), and the same scalars in tensorboard."""
 
     def __init__(self, run_dir: Path, tensorboard: bool = True, purge_after: int | None = None) -> None:
         """``purge_after``: a resumed run's step; tensorboard drops the events logged after it (they are recomputed)."""
@@ -75,5 +76,13 @@ class MetricsWriter:
 
 
 def read_metrics(run_dir: str | Path) -> list[dict[str, Any]]:
+    """metrics.jsonl as one dict per step, in step order: the step's row merged with the line a checkpoint save
+    wrote for that step (its ``checkpoint_s`` / ``checkpoint_stall_s``, written after the row so that a kill during
+    the save cannot lose the row)."""
     path = Path(run_dir) / "metrics.jsonl"
-    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+    steps: dict[int, dict[str, Any]] = {}
+    for line in path.read_text().splitlines():
+        if line.strip():
+            row = json.loads(line)
+            steps.setdefault(int(row["step"]), {}).update(row)
+    return [steps[k] for k in sorted(steps)]

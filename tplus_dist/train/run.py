@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import datetime
 import hashlib
 import json
 import os
@@ -22,6 +23,14 @@ from tplus_dist.model.decoder import model_flops_per_token, model_num_params
 from tplus_dist.optim import build_optimizer, build_scheduler
 from tplus_dist.train.hooks import ConsoleHook, EvalHook, Hook, MetricsFileHook
 from tplus_dist.train.metrics import MetricsWriter, device_peak_flops
+from tplus_dist.train.rundir import (
+    RunLock,
+    check_writable,
+    new_identity,
+    planned_run_dir,
+    read_identity,
+    write_identity,
+)
 from tplus_dist.train.trainer import Trainer
 
 PREPARE_FORMAT = 1
@@ -167,17 +176,6 @@ def build_data(cfg: RunConfig, dp_size: int = 1, dp_rank: int = 0) -> Data:
     return Data(train, val, shards, manifest)
 
 
-def make_run_dir(cfg: RunConfig) -> Path:
-    """A fresh directory: an existing run is never overwritten (a suffix -1, -2, ... is added)."""
-    base = Path(cfg.log.run_dir.format(name=cfg.log.name))
-    path, i = base, 0
-    while path.exists() and any(path.iterdir()):
-        i += 1
-        path = base.with_name(f"{base.name}-{i}")
-    path.mkdir(parents=True, exist_ok=True)
-    return path
-
-
 @dataclass
 class Layout:
     """Where this process stands: one process, or a rank of a data-parallel job."""
@@ -231,7 +229,8 @@ def setup_layout(cfg: RunConfig, device: torch.device) -> Layout:
                 f"{cfg.optim.name} works on whole matrices, but {reason}; on {world} processes use it with "
                 "parallel.zero_stage 0, parallel.tensor_parallel 1 and precision.dtype fp32, or use adamw",
             )
-    groups = init_process_groups(dims, backend="nccl" if device.type == "cuda" else "gloo")
+    timeout = datetime.timedelta(minutes=cfg.parallel.distributed_timeout_minutes)
+    groups = init_process_groups(dims, backend="nccl" if device.type == "cuda" else "gloo", timeout=timeout)
     return Layout(world, env.rank, dims.dp, groups.dp_rank, groups)
 
 
@@ -269,22 +268,101 @@ def checkpoint_root(cfg: RunConfig, run_dir: Path) -> Path:
     return Path(cfg.checkpoint.dir.format(run_dir=run_dir))
 
 
-def resolve_run_dir(cfg: RunConfig) -> tuple[Path, Path | None]:
-    """The run directory and the checkpoint to resume from. checkpoint.resume auto: the configured run directory
-    when its checkpoints hold a latest (the run continues there), else a fresh directory; a path: that checkpoint,
-    in a fresh directory."""
-    from tplus_dist.checkpoint import CheckpointError
+@dataclass
+class RunStart:
+    """What :func:`open_run` decided, the same on every rank."""
+
+    run_dir: Path
+    manager: Any
+    """checkpoint.CheckpointManager for run_dir's checkpoints."""
+    ckpt: Any
+    """checkpoint.Checkpoint to resume from, or None."""
+    lock: RunLock | None
+    """Held by rank 0 for the run (None on the other ranks)."""
+
+
+def open_run(cfg: RunConfig, run_dir: Path | None, data: Data) -> RunStart:
+    """Decide the run directory and the checkpoint to resume, check everything, then create the directory (every
+    rank calls it; rank 0 decides and writes). In order, each failure one line naming the field or path, before
+    anything is created: the run and checkpoint directories can be written; another job holds the run (its lock);
+    checkpoint.dir holds another run's checkpoints; the checkpoint to resume (auto: the newest of this run's that
+    verifies, `latest` repaired when it lagged behind; or checkpoint.resume's path) holds this model and optimizer.
+    Only then is the directory created and locked, with run.json, config and data manifest written."""
+    from tplus_dist.checkpoint import CheckpointError, CheckpointManager
+    from tplus_dist.checkpoint.store import complete_checkpoints, repair_latest
+    from tplus_dist.parallel import comm
 
     resume = cfg.checkpoint.resume
-    base = Path(cfg.log.run_dir.format(name=cfg.log.name))
-    if resume == "auto":
-        root = checkpoint_root(cfg, base)
-        return (base, root) if (root / "latest").is_file() else (make_run_dir(cfg), None)
-    if resume == "none":
-        return make_run_dir(cfg), None
-    if not Path(resume).exists():
-        raise CheckpointError(f"checkpoint.resume: {resume} does not exist")
-    return make_run_dir(cfg), Path(resume)
+    explicit = None if resume in ("auto", "none") else Path(resume)
+    plan: Any = None
+    lock: RunLock | None = None
+    error: BaseException | None = None
+    if comm.rank() == 0:
+        try:
+            base = Path(cfg.log.run_dir.format(name=cfg.log.name))
+            if run_dir is None:  # auto continues the configured directory when its checkpoints are there
+                own = resume == "auto" and base.is_dir() and complete_checkpoints(checkpoint_root(cfg, base))
+                run_dir = base if own else planned_run_dir(base)
+            existed = run_dir.is_dir() and any(run_dir.iterdir())
+            root = checkpoint_root(cfg, run_dir)
+            check_writable(run_dir, "log.run_dir")
+            check_writable(root, "checkpoint.dir")
+            if explicit is not None and not explicit.exists():
+                raise CheckpointError(f"checkpoint.resume: {explicit} does not exist")
+            if existed:
+                lock = RunLock(run_dir)  # before reading its checkpoints: no other job may be writing them
+            identity = (read_identity(run_dir) if existed else None) or new_identity(run_dir)
+            owned = CheckpointManager(cfg, root, identity).owned(complete_checkpoints(root), legacy_ours=existed)
+            candidates = [] if resume != "auto" else [str(c.path) for c in owned]
+            plan = (str(run_dir), identity, existed, candidates)
+        except Exception as e:
+            if lock is not None:
+                lock.release()
+            error = e
+    comm.agree(error, ValueError)
+    run_dir_s, identity, existed, candidates = comm.broadcast(plan)
+    run_dir = Path(run_dir_s)
+    manager = CheckpointManager(cfg, checkpoint_root(cfg, run_dir), identity)
+    try:
+        ckpt = None
+        if explicit is not None:
+            ckpt = manager.find(explicit)
+        elif candidates:
+            from tplus_dist.checkpoint.store import Checkpoint, read_manifest
+
+            ckpt = manager.select([Checkpoint(Path(c), read_manifest(Path(c))) for c in candidates])
+            if ckpt is None:
+                raise CheckpointError(
+                    f"none of the checkpoints in {manager.root} verifies (each is named above); resume one of them "
+                    "explicitly with --resume PATH, or start afresh with --checkpoint.resume=none"
+                )
+        if ckpt is not None:
+            manager.check_compatible(ckpt)  # another model or optimizer stops here, before anything is written
+        if comm.rank() == 0:
+            run_dir.mkdir(parents=True, exist_ok=True)
+            if lock is None:
+                lock = RunLock(run_dir)
+            write_identity(run_dir, identity, cfg.log.name)
+            if ckpt is not None and explicit is None:
+                note = repair_latest(manager.root, ckpt)
+                if note:
+                    print(f"tplus: {note}", flush=True)
+            if ckpt is None or ckpt.step < cfg.train.steps:  # (a finished run resumed does nothing: no new config)
+                name = "config.yaml" if ckpt is None else f"config.resumed_{ckpt.path.name}.yaml"
+                (run_dir / name).write_text(cfg.to_yaml())
+            manifest_file = run_dir / "data_manifest.json"
+            if not manifest_file.exists():
+                manifest_file.write_text(json.dumps({"shards": data.shards, **data.manifest}, indent=1))
+            if ckpt is not None:
+                truncate_metrics(run_dir / "metrics.jsonl", ckpt.step)
+            manager.clean_staging()
+        comm.agree(None)  # rank 0's writes above succeeded (the other ranks learn of a failure here)
+    except Exception as e:
+        if lock is not None:
+            lock.release()
+        comm.agree(e, ValueError)  # raises on every rank; a failure on one alone (rank 0's writes) reaches all
+        raise
+    return RunStart(run_dir, manager, ckpt, lock)
 
 
 def truncate_metrics(path: Path, step: int) -> None:
@@ -318,38 +396,8 @@ def build_trainer(cfg: RunConfig, run_dir: Path | None = None, stop: Any = None)
             ensure_prepared(cfg)
         dist.barrier()
     data = build_data(cfg, layout.dp, layout.dp_rank)  # every input is checked before anything is written
-    resume_from: Path | None = None
-    if layout.rank == 0:
-        if run_dir is None:
-            run_dir, resume_from = resolve_run_dir(cfg)
-        elif cfg.checkpoint.resume not in ("auto", "none"):
-            resume_from = Path(cfg.checkpoint.resume)
-        elif cfg.checkpoint.resume == "auto" and (checkpoint_root(cfg, run_dir) / "latest").is_file():
-            resume_from = checkpoint_root(cfg, run_dir)
-        run_dir.mkdir(parents=True, exist_ok=True)
-    if layout.world > 1:
-        import torch.distributed as dist
-
-        shared = [str(run_dir) if run_dir is not None else "", str(resume_from) if resume_from else ""]
-        dist.broadcast_object_list(shared, src=0)
-        run_dir, resume_from = Path(shared[0]), Path(shared[1]) if shared[1] else None
-    assert run_dir is not None
-    from tplus_dist.checkpoint import CheckpointManager
-
-    manager = CheckpointManager(cfg, checkpoint_root(cfg, run_dir))
-    ckpt = manager.find(resume_from) if resume_from is not None else None
-    if ckpt is not None:
-        manager.check_model(ckpt)  # a different model stops here, before anything is built or written
-    if layout.rank == 0:
-        if ckpt is None or ckpt.step < cfg.train.steps:  # (a finished run resumed does nothing: no new config)
-            name = "config.yaml" if ckpt is None else f"config.resumed_{ckpt.path.name}.yaml"
-            (run_dir / name).write_text(cfg.to_yaml())
-        manifest_file = run_dir / "data_manifest.json"
-        if not manifest_file.exists():
-            manifest_file.write_text(json.dumps({"shards": data.shards, **data.manifest}, indent=1))
-        if ckpt is not None:
-            truncate_metrics(run_dir / "metrics.jsonl", ckpt.step)
-        manager.clean_staging()
+    start = open_run(cfg, run_dir, data)
+    run_dir, manager, ckpt = start.run_dir, start.manager, start.ckpt
 
     model = build_decoder(cfg, layout, device)
     if cfg.train.compile:
@@ -371,13 +419,17 @@ def build_trainer(cfg: RunConfig, run_dir: Path | None = None, stop: Any = None)
         optimizer, cfg.schedule, cfg.optim, cfg.train.steps, total_tokens=total_tokens(cfg, data.train.ramp)
     )
     hooks: list[Hook] = [EvalHook(cfg.train.eval_interval)]  # every rank: ZeRO-3 forwards need all of them
+    writer = None
+    if layout.rank == 0:  # the step's row is written before a save starts: a kill mid-save cannot lose it
+        writer = MetricsWriter(run_dir, tensorboard=cfg.log.tensorboard, purge_after=ckpt.step if ckpt else None)
+        hooks.append(MetricsFileHook(writer))
     from tplus_dist.checkpoint.hook import CheckpointHook
 
     background = cfg.checkpoint.background if cfg.checkpoint.background is not None else device.type == "cuda"
-    hooks.append(CheckpointHook(manager, stop, verbose=layout.rank == 0, background=background))
+    log = writer.write if writer is not None else None
+    hooks.append(CheckpointHook(manager, stop, verbose=layout.rank == 0, background=background, log=log))
     if layout.rank == 0:
-        writer = MetricsWriter(run_dir, tensorboard=cfg.log.tensorboard, purge_after=ckpt.step if ckpt else None)
-        hooks += [MetricsFileHook(writer), ConsoleHook(cfg.train.log_interval, progress=cfg.log.progress)]
+        hooks.append(ConsoleHook(cfg.train.log_interval, progress=cfg.log.progress))
     trainer = Trainer(
         cfg,
         model,
@@ -411,6 +463,11 @@ def build_trainer(cfg: RunConfig, run_dir: Path | None = None, stop: Any = None)
         else:
             trainer.runner = EngineStepRunner(EngineStep(engine, loss_fn, layout.groups.dp))
     trainer.layout = layout
+    trainer.checkpoints, trainer.run_lock = manager, start.lock
+    if layout.world > 1:  # every group exists now (DeepSpeed's and the pipeline's too)
+        from tplus_dist.parallel.groups import set_collective_timeout
+
+        set_collective_timeout(datetime.timedelta(minutes=cfg.parallel.distributed_timeout_minutes))
     if ckpt is not None:
         manager.load(trainer, ckpt)
         if layout.rank == 0:
@@ -434,9 +491,31 @@ def build_trainer(cfg: RunConfig, run_dir: Path | None = None, stop: Any = None)
     return trainer, run_dir
 
 
+@dataclass
+class RunResult:
+    """How a `tplus train` run ended (every rank)."""
+
+    run_dir: Path
+    history: list[dict[str, Any]]
+    """This run's per-step metrics."""
+    step: int
+    """The step the run stands at."""
+    stopped: str | None = None
+    """The signal's name when the run stopped on one (checkpoint.on_signal: saved, then stopped), else None."""
+    checkpoint: Path | None = None
+    """The last checkpoint this run published."""
+
+
 def train(cfg: RunConfig, run_dir: Path | None = None) -> tuple[Path, list[dict[str, Any]]]:
     """Train as configured (resuming per checkpoint.resume); returns the run directory and this run's per-step
-    metrics. SIGTERM / SIGUSR1 save a checkpoint after the current step and end the run (checkpoint.on_signal)."""
+    metrics. SIGTERM / SIGUSR1 / SIGINT save a checkpoint after the current step and end the run
+    (checkpoint.on_signal); :func:`train_run` also tells whether the run stopped that way."""
+    result = train_run(cfg, run_dir)
+    return result.run_dir, result.history
+
+
+def train_run(cfg: RunConfig, run_dir: Path | None = None) -> RunResult:
+    """:func:`train`, returning how the run ended (finished, or stopped on a signal with its checkpoint)."""
     from tplus_dist.checkpoint.signals import StopRequest
 
     stop = StopRequest().install() if cfg.checkpoint.on_signal else None
@@ -447,18 +526,29 @@ def train(cfg: RunConfig, run_dir: Path | None = None) -> tuple[Path, list[dict[
             stop.uninstall()
 
 
-def _train(cfg: RunConfig, run_dir: Path | None, stop: Any) -> tuple[Path, list[dict[str, Any]]]:
-    trainer, run_dir = build_trainer(cfg, run_dir, stop)
+def _train(cfg: RunConfig, run_dir: Path | None, stop: Any) -> RunResult:
     distributed = int(os.environ.get("WORLD_SIZE", "1")) > 1
-    if (not distributed or int(os.environ.get("RANK", "0")) == 0) and trainer.state.step < cfg.train.steps:
-        n = model_num_params(cfg.model)  # the whole model's, however it is split
-        layout = trainer.layout.groups.dims if trainer.layout is not None and trainer.layout.groups else None
-        where = f"{layout}" if distributed else str(trainer.device)
-        print(f"tplus: {n / 1e6:.2f}M parameters on {where}; writing {run_dir}", flush=True)
+    failed = True
     try:
-        return run_dir, trainer.fit()
+        trainer, run_dir = build_trainer(cfg, run_dir, stop)
+        if (not distributed or int(os.environ.get("RANK", "0")) == 0) and trainer.state.step < cfg.train.steps:
+            n = model_num_params(cfg.model)  # the whole model's, however it is split
+            layout = trainer.layout.groups.dims if trainer.layout is not None and trainer.layout.groups else None
+            where = f"{layout}" if distributed else str(trainer.device)
+            print(f"tplus: {n / 1e6:.2f}M parameters on {where}; writing {run_dir}", flush=True)
+        try:
+            history = trainer.fit()
+        finally:
+            trainer.close()
+        from tplus_dist.checkpoint.hook import CheckpointHook
+
+        saved = next((h.saved for h in trainer.hooks if isinstance(h, CheckpointHook)), None)
+        stopped = stop.signal_name if stop is not None and trainer.stop_requested else None
+        failed = False
+        return RunResult(run_dir, history, trainer.state.step, stopped, saved.path if saved else None)
     finally:
         if distributed:
             from tplus_dist.parallel.groups import destroy_process_groups
 
-            destroy_process_groups()
+            # after a failure: no collective (the other ranks may be gone or stuck); the process exits next
+            destroy_process_groups(failed=failed)

@@ -14,6 +14,7 @@ import numpy as np
 import torch
 from torch import nn
 
+from tplus_dist import faults
 from tplus_dist.config import RunConfig
 from tplus_dist.data.loader import MicroBatch, StepBatch
 from tplus_dist.model.loss import lm_loss
@@ -139,6 +140,10 @@ class Trainer:
         """Set by a hook (a preemption signal) to end fit() after the current step."""
         self.layout: Any = None
         """Where this process stands in a distributed run (train.run.Layout), set by build_trainer."""
+        self.checkpoints: Any = None
+        """The run's checkpoint.CheckpointManager, set by build_trainer."""
+        self.run_lock: Any = None
+        """The run directory's lock (train.rundir.RunLock, rank 0), set by build_trainer; released by close()."""
         core = getattr(model, "module", model)  # under an engine: its module
         if flops_per_token is None:
             flops = getattr(core, "flops_per_token", None)
@@ -183,7 +188,9 @@ class Trainer:
         """One optimizer step over this step's micro-batches (their number grows with the batch ramp)."""
         self.model.train()
         t0 = time.perf_counter()
+        faults.set_step(self.state.step + 1)
         batch = self.train_data.next_step()
+        faults.inject("data")
         n_tokens = batch.global_batch * self.seq_len
         step, tokens = self.state.step, self.state.tokens
         # each runner refuses a non-finite loss (the local one before its optimizer step)
@@ -213,6 +220,7 @@ class Trainer:
         """Mean validation loss over the validation batches (the same batches every time)."""
         if self.val_data is None:
             return float("nan")
+        faults.inject("eval")
         run_eval = getattr(self.runner, "evaluate", None)  # a pipeline evaluates through its schedule
         if callable(run_eval):
             return float(run_eval(list(self.val_data)))
@@ -244,6 +252,12 @@ class Trainer:
         self.train_data.load_state_dict(state["data"])
         set_rng_state(state["rng"])
         self.state = TrainState(step=int(state["step"]), tokens=int(state["tokens"]))
+
+    def close(self) -> None:
+        """Release the run directory for another job (the end of a run; the process exiting does it too)."""
+        if self.run_lock is not None:
+            self.run_lock.release()
+            self.run_lock = None
 
     def fit(self, until: int | None = None) -> list[dict[str, Any]]:
         """Train to train.steps (or to step ``until``, e.g. to stop part-way); returns each step's metrics."""
