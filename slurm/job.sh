@@ -16,8 +16,9 @@
 #
 # Preemption: the templates ask for `--signal=B:USR1@120 --requeue`. On USR1 this shell sends USR1 to every
 # process of the training step (`scancel --signal=USR1`): the ranks save a checkpoint at the end of the step
-# and exit, the launchers (which ignore USR1) follow, and the job requeues itself; the requeued job runs the
-# same command, which resumes from the run directory's latest checkpoint.
+# and exit, the launchers (which ignore USR1) follow with exit code 75, and the job requeues itself; the
+# requeued job runs the same command, which resumes from the run directory's latest checkpoint. Any stop with
+# code 75 requeues; a run that finished (0), failed (1) or was refused (2) is not requeued.
 set -uo pipefail
 
 if [[ $# -lt 1 ]]; then
@@ -75,9 +76,14 @@ done
 wait "$step"
 rc=$?
 
-if [[ $preempted == 1 ]]; then
-    echo "tplus: requeueing job $SLURM_JOB_ID (the training step exited with $rc)"
+# tplus launch exits with its ranks' code (tplus_dist/exitcodes.py): 75 means "stopped with a checkpoint, resume
+# me" (the preemption above, a SIGTERM, a Ctrl-C); 0 finished; 1 failed; 2 bad input.
+if [[ $rc == 75 ]]; then
+    echo "tplus: the run stopped with a checkpoint; requeueing job $SLURM_JOB_ID to resume it"
     scontrol requeue "$SLURM_JOB_ID"
     exit 0
+fi
+if [[ $preempted == 1 ]]; then
+    echo "tplus: preempted, but the training step exited with $rc (0: it had finished), so the job is not requeued"
 fi
 exit "$rc"

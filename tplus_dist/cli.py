@@ -3,9 +3,12 @@
 from __future__ import annotations
 
 import os
+import socket
 import sys
+import traceback
 
-from tplus_dist.checkpoint.store import CheckpointError
+from tplus_dist import exitcodes
+from tplus_dist.checkpoint.store import CheckpointError, CheckpointSaveError
 from tplus_dist.config import ConfigError, load_config
 from tplus_dist.launch import LaunchError
 from tplus_dist.parallel.dims import LaunchEnvError
@@ -66,20 +69,30 @@ def _resume_flag(argv: list[str]) -> list[str]:
 def cmd_train(argv: list[str]) -> int:
     config, overrides = _split(_resume_flag(argv))
     cfg = load_config(config, overrides)
-    from tplus_dist.train.run import train
+    from tplus_dist.train.run import train_run
 
-    run_dir, history = train(cfg)
-    if os.environ.get("RANK", "0") != "0":  # under torchrun, rank 0 speaks for the job
-        return 0
-    if not history:
+    result = train_run(cfg)
+    rank0 = os.environ.get("RANK", "0") == "0"  # under a launcher, rank 0 speaks for the job
+    if result.stopped and result.step < cfg.train.steps:
+        if rank0:
+            print(
+                f"tplus: stopped at step {result.step} of {cfg.train.steps} on {result.stopped}, with its checkpoint "
+                f"{result.checkpoint}; run the same command to resume (exit code {exitcodes.STOPPED})",
+                flush=True,
+            )
+        return exitcodes.report(exitcodes.STOPPED, step=result.step, checkpoint=result.checkpoint)
+    if rank0 and not result.history:
         print(
-            f"tplus: nothing to do: the run in {run_dir} already reached train.steps={cfg.train.steps} (its latest "
-            "checkpoint); raise train.steps to continue it, or start another run with --checkpoint.resume=none"
+            f"tplus: nothing to do: the run in {result.run_dir} already reached train.steps={cfg.train.steps} (its "
+            "latest checkpoint); raise train.steps to continue it, or start another run with --checkpoint.resume=none"
         )
-        return 0
-    last = history[-1]
-    print(f"tplus: done, {len(history)} steps, final loss {last.get('loss', float('nan')):.4f}; run in {run_dir}")
-    return 0
+    elif rank0:
+        last = result.history[-1]
+        print(
+            f"tplus: finished: {len(result.history)} steps, step {result.step} of {cfg.train.steps}, final loss "
+            f"{last.get('loss', float('nan')):.4f}; run in {result.run_dir}"
+        )
+    return exitcodes.report(exitcodes.FINISHED, step=result.step)
 
 
 def cmd_config(argv: list[str]) -> int:
@@ -225,17 +238,50 @@ def main(argv: list[str] | None = None) -> int:
     try:
         return COMMANDS[cmd](rest)
     except ConfigError as e:
-        print(f"tplus: config error: {e}", file=sys.stderr)
-        return 2
+        return _bad_input(f"config error: {e}")
     except (LaunchEnvError, LaunchError) as e:
-        print(f"tplus: launch error: {e}", file=sys.stderr)
-        return 2
+        return _bad_input(f"launch error: {e}")
+    except CheckpointSaveError as e:  # every rank knows the failing rank's message (the ranks agree on it)
+        print(f"tplus: {_who()}failed: {e}", file=sys.stderr, flush=True)
+        return exitcodes.report(exitcodes.FAILED)
     except CheckpointError as e:
-        print(f"tplus: checkpoint error: {e}", file=sys.stderr)
-        return 2
+        return _bad_input(f"checkpoint error: {e}")
     except (FileNotFoundError, ValueError) as e:
-        print(f"tplus: error: {e}", file=sys.stderr)
-        return 2
+        return _bad_input(f"error: {e}")
+    except KeyboardInterrupt:
+        print(f"tplus: {_who()}interrupted: stopped at once, without saving", file=sys.stderr, flush=True)
+        return exitcodes.report(exitcodes.INTERRUPTED)
+    except Exception as e:  # a failure during the run: the traceback, then one line naming the rank and the call
+        traceback.print_exc()
+        print(f"tplus: {_who()}failed{_where(e)}: {type(e).__name__}: {e}", file=sys.stderr, flush=True)
+        return exitcodes.report(exitcodes.FAILED)
+
+
+def _who() -> str:
+    """'rank R of W (host): ' under a launcher, else ''."""
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    return f"rank {os.environ.get('RANK', '0')} of {world} ({socket.gethostname()}): " if world > 1 else ""
+
+
+def _bad_input(message: str) -> int:
+    print(f"tplus: {_who()}{message}", file=sys.stderr, flush=True)
+    return exitcodes.report(exitcodes.BAD_INPUT)
+
+
+def _where(e: BaseException) -> str:
+    """' in torch.distributed all_reduce, called from tplus_dist/x.py:N (function)' for an error raised inside a
+    collective (a timeout, a peer that died), else ' at tplus_dist/x.py:N (function)' (the innermost frame of ours)."""
+    ours, collective = None, None
+    for frame, line in traceback.walk_tb(e.__traceback__):
+        name = frame.f_code.co_filename.replace(os.sep, "/")
+        if "/tplus_dist/" in name and not name.endswith("/tplus_dist/faults.py") and collective is None:
+            ours = f"tplus_dist/{name.rsplit('/tplus_dist/', 1)[1]}:{line} ({frame.f_code.co_name})"
+        elif collective is None and name.endswith(("distributed_c10d.py", "pipelining/schedules.py")):
+            module = "torch.distributed" if name.endswith("distributed_c10d.py") else "torch.distributed.pipelining"
+            collective = f"{module} {frame.f_code.co_name}"
+    if collective:
+        return f" in {collective}" + (f", called from {ours}" if ours else "")
+    return f" at {ours}" if ours else ""
 
 
 if __name__ == "__main__":

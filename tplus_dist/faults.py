@@ -8,8 +8,9 @@ job, a spawned gloo job) fail exactly there, the way a kill -9, a full disk, a N
 
 - POINT: the failpoint's name (see ``POINTS``);
 - ACTION: ``raise`` (a RuntimeError naming the point, the rank and the step), ``kill`` (SIGKILL this process: no
-  handler, no ``finally``), ``hang`` (sleep forever, as a stuck rank would), ``exit`` (``os._exit(1)``), or any
-  other word, which :func:`inject` returns for the call site to act on (``nan``: poison a value);
+  handler, no ``finally``), ``hang`` (sleep forever, as a stuck rank would), ``exit`` (``os._exit(1)``),
+  ``sigterm`` / ``sigint`` / ``sigusr1`` (send this process that signal, as a scheduler or a Ctrl-C would, and go
+  on), or any other word, which :func:`inject` returns for the call site to act on (``nan``: poison a value);
 - rank=R: only on global rank R (RANK, 0 in one process); step=S: only when the call site passes step S (the
   optimizer step being computed, 1-based, or the step being saved).
 
@@ -27,7 +28,7 @@ ENV = "TPLUS_FAULT"
 
 POINTS = {
     "data": "the step's batch was read (Trainer.train_step)",
-    "forward": "a micro-batch's loss was computed (Trainer.loss_on, every layout's training forward)",
+    "forward": "the decoder's forward (every layout, every stage; the step's micro-batches and its validation)",
     "grad": "gradients exist, before the optimizer step (the action nan poisons one gradient element)",
     "optimizer": "right before the optimizer step",
     "eval": "a validation loss is being computed",
@@ -38,7 +39,8 @@ POINTS = {
     "save.after_rename": "a save: the checkpoint is renamed into place, latest not yet updated",
     "save.after_latest": "a save: latest names the new checkpoint",
 }
-STANDARD_ACTIONS = ("raise", "kill", "hang", "exit")
+SIGNAL_ACTIONS = {"sigterm": signal.SIGTERM, "sigint": signal.SIGINT, "sigusr1": signal.SIGUSR1}
+STANDARD_ACTIONS = ("raise", "kill", "hang", "exit", *SIGNAL_ACTIONS)
 
 
 class InjectedFault(RuntimeError):
@@ -54,6 +56,14 @@ class Fault:
 
 
 _parsed: tuple[str, tuple[Fault, ...]] = ("", ())
+_step: int | None = None
+
+
+def set_step(step: int | None) -> None:
+    """The optimizer step being computed (1-based), for failpoints whose call site does not pass one (the
+    model's forward): the trainer sets it at the start of each step."""
+    global _step
+    _step = step
 
 
 def parse(spec: str) -> tuple[Fault, ...]:
@@ -78,11 +88,13 @@ def parse(spec: str) -> tuple[Fault, ...]:
 
 
 def active(point: str, step: int | None = None) -> str | None:
-    """The action ``TPLUS_FAULT`` asks for at ``point`` (on this rank, at ``step``), or None. No side effects."""
+    """The action ``TPLUS_FAULT`` asks for at ``point`` (on this rank, at ``step``: by default the step
+    :func:`set_step` recorded), or None. No side effects."""
     global _parsed
     spec = os.environ.get(ENV, "")
     if not spec:
         return None
+    step = _step if step is None else step
     if spec != _parsed[0]:
         _parsed = (spec, parse(spec))
     rank = int(os.environ.get("RANK", "0"))
@@ -98,10 +110,14 @@ def inject(point: str, step: int | None = None) -> str | None:
     action = active(point, step)
     if action is None or action not in STANDARD_ACTIONS:
         return action
+    step = _step if step is None else step
     rank = int(os.environ.get("RANK", "0"))
     where = f"{point} on rank {rank}" + (f" at step {step}" if step is not None else "")
     if action == "raise":
         raise InjectedFault(f"injected fault at {where}")
+    if action in SIGNAL_ACTIONS:
+        os.kill(os.getpid(), SIGNAL_ACTIONS[action])
+        return None
     print(f"tplus: injected fault: {action} at {where}", flush=True)
     if action == "kill":
         os.kill(os.getpid(), signal.SIGKILL)

@@ -3,8 +3,8 @@ on this node, one node or many, inside a SLURM allocation or not.
 
 Where it runs once per node (srun --ntasks-per-node=1 in slurm/*.sbatch, or by hand on each node), it derives the
 job's shape from SLURM's environment (SLURM_JOB_NODELIST, SLURM_JOB_NUM_NODES, SLURM_NODEID, SLURM_JOB_ID,
-SLURM_GPUS_ON_NODE) or from its options, checks everything it can before any rank starts, and replaces itself with
-the launcher's command:
+SLURM_GPUS_ON_NODE) or from its options, checks everything it can before any rank starts, and runs the launcher's
+command:
 
 - torchrun: ``--nnodes N --nproc-per-node G --rdzv-backend c10d --rdzv-endpoint HOST0:PORT --rdzv-id JOB``;
 - deepspeed: a hostfile made from the allocation (``host slots=G`` per node) and ``--no_ssh --node_rank R``, so
@@ -19,17 +19,22 @@ fails in the shell before this runs: slurm/*.sbatch checks it first).
 The launcher process ignores SIGUSR1 (so does everything it starts, until tplus_dist.train installs its handler):
 a preemption signal sent to every process of the job step (``scancel --signal=USR1 JOB``, as slurm/*.sbatch
 does) reaches the training ranks, which save and stop, while the launchers stay up and exit when the ranks do.
-``--dry-run`` prints the derived shape, the hostfile and the command, and starts nothing.
+`tplus launch` waits for the launcher and exits with its ranks' code (tplus_dist/exitcodes.py: 0 finished, 75
+stopped with a checkpoint, 1 failed, 2 bad input); Ctrl-C or SIGTERM to it stops the ranks gracefully
+(:func:`run_launcher`). ``--dry-run`` prints the derived shape, the hostfile and the command, and starts nothing.
 """
 
 from __future__ import annotations
 
+import contextlib
 import os
 import re
 import shlex
 import signal
 import socket
+import subprocess
 import sys
+import tempfile
 import time
 from collections.abc import Mapping
 from dataclasses import dataclass
@@ -297,4 +302,88 @@ def main(argv: list[str], env: Mapping[str, str] | None = None) -> int:
     if hostfile is not None:
         hostfile.write_text(hostfile_text(shape))
     signal.signal(signal.SIGUSR1, signal.SIG_IGN)  # inherited by the launcher; the ranks install their own
-    os.execvpe(cmd[0], cmd, dict(env))
+    return run_launcher(cmd, dict(env))
+
+
+def descendants(pid: int) -> list[int]:
+    """Every live descendant of ``pid`` (from /proc: torchrun starts its ranks in sessions of their own, so a
+    process group does not reach them)."""
+    children: dict[int, list[int]] = {}
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            text = stat.read_text()
+        except OSError:
+            continue
+        fields = text[text.rindex(")") + 2 :].split()  # after "pid (comm) ": state, ppid, ...
+        children.setdefault(int(fields[1]), []).append(int(stat.parent.name))
+    out, todo = [], [pid]
+    while todo:
+        for child in children.get(todo.pop(), []):
+            out.append(child)
+            todo.append(child)
+    return out
+
+
+def _die_with_parent() -> None:
+    """In the launcher's child: SIGTERM it if `tplus launch` dies (Linux prctl PR_SET_PDEATHSIG)."""
+    import ctypes
+
+    with contextlib.suppress(OSError, AttributeError):
+        ctypes.CDLL(None, use_errno=True).prctl(1, signal.SIGTERM)  # 1: PR_SET_PDEATHSIG
+
+
+def run_launcher(cmd: list[str], env: dict[str, str]) -> int:
+    """Run the launcher as a child and exit with the code of its ranks (tplus_dist.exitcodes): torchrun turns any
+    rank's non-zero code into its own 1, so the ranks report theirs in a status directory instead (a stopped rank
+    then exits 0 and torchrun ends quietly).
+
+    Signals: the child runs in a process group of its own, so a terminal's Ctrl-C reaches this process only. The
+    first SIGINT or SIGTERM is relayed to every rank as SIGUSR1 (the launchers ignore it; the ranks save a
+    checkpoint at the end of the step and stop: torchrun's own SIGTERM handling would kill them after 30 s); a
+    second is relayed as SIGINT (the ranks stop at once). SIGUSR1 sent to the whole job (SLURM) reaches the ranks
+    directly."""
+    from tplus_dist import exitcodes
+
+    with tempfile.TemporaryDirectory(prefix="tplus-status-") as status:
+        proc = subprocess.Popen(
+            cmd, env={**env, exitcodes.STATUS_DIR: status}, process_group=0, preexec_fn=_die_with_parent
+        )
+        asked = 0
+
+        def relay(signum: int, _frame: object) -> None:
+            nonlocal asked
+            asked += 1
+            sig = signal.SIGUSR1 if asked == 1 else signal.SIGINT
+            if asked == 1:
+                print(
+                    f"tplus launch: {signal.Signals(signum).name}: the ranks save a checkpoint at the end of the step "
+                    "and stop (send it again to stop them at once)",
+                    flush=True,
+                )
+            for pid in descendants(proc.pid):
+                with contextlib.suppress(ProcessLookupError, PermissionError):
+                    os.kill(pid, sig)
+
+        previous = {s: signal.signal(s, relay) for s in (signal.SIGINT, signal.SIGTERM)}
+        try:
+            rc = proc.wait()
+        finally:
+            for s, handler in previous.items():
+                signal.signal(s, handler)
+        codes = {int(r["code"]) for r in exitcodes.collected(Path(status))}
+        stopped = [r for r in exitcodes.collected(Path(status)) if int(r["code"]) == exitcodes.STOPPED]
+    if rc < 0:
+        return 128 - rc  # the launcher itself was killed by a signal
+    if rc == 0:
+        if stopped:
+            print(
+                f"tplus launch: the ranks stopped at step {stopped[0].get('step')} with a checkpoint; run the same "
+                f"command to resume (exit code {exitcodes.STOPPED})",
+                flush=True,
+            )
+            return exitcodes.STOPPED
+        return 0
+    for code in (exitcodes.FAILED, exitcodes.INTERRUPTED, exitcodes.BAD_INPUT):
+        if code in codes:
+            return code
+    return rc
