@@ -270,6 +270,11 @@ class ParallelConfig:
     """A DeepSpeed JSON file merged over the config generated from this one (bucket sizes, overlap_comm,
     communication data types, ...). Keys this config owns (batch sizes, accumulation, ZeRO stage, clipping,
     precision, optimizer, scheduler) are refused there, naming the field to set instead."""
+    distributed_timeout_minutes: float = 10.0
+    """A collective (all-reduce, broadcast, pipeline send/receive...) that has not completed after this long fails,
+    naming the rank and the operation, and the job ends: a rank that died or hangs cannot hang the others forever
+    (Megatron's --distributed-timeout-minutes; torch's default is 30 for gloo, 10 for NCCL). Raise it when one rank
+    legitimately works alone that long (a first compile, preparing a large corpus on rank 0)."""
 
     @property
     def model_parallel(self) -> int:
@@ -282,6 +287,11 @@ class ParallelConfig:
         check(tp >= 1, p + "tensor_parallel", f"must be at least 1, got {tp}")
         check(pp >= 1, p + "pipeline_parallel", f"must be at least 1, got {pp}")
         check(0 <= self.zero_stage <= 3, p + "zero_stage", f"must be 0, 1, 2 or 3, got {self.zero_stage}")
+        check(
+            self.distributed_timeout_minutes > 0,
+            p + "distributed_timeout_minutes",
+            f"must be positive, got {self.distributed_timeout_minutes}",
+        )
         if vpp is not None:
             check(vpp >= 1, p + "virtual_pipeline_stages", f"must be at least 1 (or null), got {vpp}")
             check(
@@ -362,8 +372,8 @@ class CheckpointConfig:
     interval_minutes: float | None = None
     """Also save when this many minutes have passed since the last save (null: not by time)."""
     on_signal: bool = True
-    """On SIGTERM or SIGUSR1 (what SLURM sends before a preemption or the time limit), save at the end of the
-    current step and stop."""
+    """On SIGTERM or SIGUSR1 (what SLURM sends before a preemption or the time limit) or Ctrl-C (SIGINT), save at
+    the end of the current step and stop with exit code 75 (a second Ctrl-C stops at once)."""
     at_end: bool = True
     """Save after the last step."""
     keep_last: int = 2

@@ -13,6 +13,7 @@ from torch import nn
 
 from tplus_dist.backends import LayerProvider, get_provider
 from tplus_dist.config.model import ModelConfig
+from tplus_dist.faults import inject
 from tplus_dist.model.attention import softcap
 from tplus_dist.model.block import Block
 from tplus_dist.model.init import draw_init_seed, init_weights, module_weight
@@ -141,6 +142,8 @@ class Decoder(nn.Module):
         part without the head returns them (as does a tied model's last part, whose projection the pipeline's
         tied embedding applies). ``labels`` [batch]: each sequence's condition (model.adaln); None runs the
         plain model."""
+        if not torch.compiler.is_compiling():  # (a compiled graph leaves the failpoint out)
+            inject("forward")  # a failpoint (tplus_dist/faults.py): nothing unless TPLUS_FAULT names it
         cond = self.condition(labels) if labels is not None else None
         if self.has_embed:
             if x.shape[1] > self.cfg.seq_len:

@@ -13,6 +13,7 @@ from __future__ import annotations
 import contextlib
 import datetime
 import glob
+import math
 import os
 from dataclasses import dataclass
 from typing import Any, Literal
@@ -96,6 +97,7 @@ def init_process_groups(
         virtual_pipeline_model_parallel_size=dims.vpp,
         order=MEGATRON_ORDER,  # explicit: dims.coords assumes it
         create_gloo_process_groups=backend != "gloo",
+        **({} if timeout is None else {"distributed_timeout_minutes": max(1, math.ceil(timeout.total_seconds() / 60))}),
     )
     rank = dist.get_rank()
     tp, pp = ps.get_tensor_model_parallel_group(), ps.get_pipeline_model_parallel_group()
@@ -121,11 +123,30 @@ def init_process_groups(
     return groups
 
 
-def destroy_process_groups(keep_world: bool = False) -> None:
+def set_collective_timeout(timeout: datetime.timedelta) -> int:
+    """Give every process group this process belongs to (the world, megatron's, DeepSpeed's, the pipeline's)
+    ``timeout``: a collective that has not completed by then raises (gloo) or aborts the process (NCCL's watchdog,
+    which names the rank and the operation) instead of waiting forever. Groups take torch's default (30 minutes for
+    gloo) when their creator passes none, as DeepSpeed does, so this runs after every group exists. Uses
+    ``torch.distributed.distributed_c10d._set_pg_timeout``, the call megatron-core's ``update_pg_timeout`` makes.
+    Returns the number of groups set."""
+    c10d = dist.distributed_c10d
+    groups = [g for g in list(c10d._world.pg_map) if not c10d._rank_not_in_group(g)]
+    for group in groups:
+        c10d._set_pg_timeout(timeout, group)
+    return len(groups)
+
+
+def destroy_process_groups(keep_world: bool = False, failed: bool = False) -> None:
     """Tear down parallel_state and torch.distributed (safe to call when either is not initialized), and remove
     this rank's DeepSpeed shared-memory buffer. ``keep_world``: keep torch.distributed (the default group) for
     another layout in the same processes (re-initializing it through the launcher's store can read the previous
-    incarnation's addresses)."""
+    incarnation's addresses). ``failed``: this rank is ending on an error: no collective (the other ranks may be
+    dead, or waiting in another collective: a barrier here is how one rank's error became a hang), only the
+    buffer is removed; the process is about to exit and the launcher ends the others."""
+    if failed:
+        remove_deepspeed_shm_buffer()
+        return
     ps = _parallel_state()
     if ps.model_parallel_is_initialized():
         ps.destroy_model_parallel()

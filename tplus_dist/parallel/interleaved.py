@@ -25,7 +25,7 @@ from tplus_dist.backends.base import LayerProvider
 from tplus_dist.config.model import ModelConfig
 from tplus_dist.model.decoder import Decoder, ParamKind, parameter_kind
 from tplus_dist.parallel.groups import ProcessGroups
-from tplus_dist.parallel.pipeline import DecoderLoss, clip_pipeline_fp32_grads
+from tplus_dist.parallel.pipeline import DecoderLoss, clip_pipeline_fp32_grads, pad_micro_batch
 
 _CHUNK_PREFIX = re.compile(r"^chunks\.\d+\.")
 
@@ -175,5 +175,8 @@ class InterleavedStepRunner:
 
     @torch.no_grad()
     def evaluate(self, batches: Sequence[Any]) -> float:
-        losses = [self._run([(mb.tokens, mb.targets)], train=False) for mb in batches]
+        """Mean loss over ``batches`` (one micro-batch each); a short last batch is padded (pad_micro_batch): the
+        stages keep the shapes of the first batch their schedule ran."""
+        micro, ignore = self.engine.train_micro_batch_size_per_gpu(), self.chunks.cfg.ignore_index
+        losses = [self._run([pad_micro_batch(mb.tokens, mb.targets, micro, ignore)], train=False) for mb in batches]
         return sum(losses) / len(losses)

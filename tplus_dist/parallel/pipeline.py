@@ -183,10 +183,33 @@ class PipelineStepRunner:
         return {"loss": loss}, float("nan") if norm is None else float(norm)
 
     def evaluate(self, batches: Sequence[Any]) -> float:
-        """Mean loss over ``batches`` (one micro-batch each), through the pipeline; the same on every rank."""
+        """Mean loss over ``batches`` (one micro-batch each), through the pipeline; the same on every rank. A
+        short last batch is padded to the micro-batch size (:func:`pad_micro_batch`): the engine fixes the
+        activation shapes it sends between stages at its first use, so another shape would fail on one stage while
+        the others wait for it."""
+        micro, ignore = self.engine.train_micro_batch_size_per_gpu(), self.engine.module.cfg.ignore_index
         losses = []
         for mb in batches:
-            x, y = mb.tokens.to(self.device), mb.targets.to(self.device)
-            out = self.engine.eval_batch(iter([(x, y)]), num_micro_batches=1)
+            x, y = pad_micro_batch(mb.tokens, mb.targets, micro, ignore)
+            out = self.engine.eval_batch(iter([(x.to(self.device), y.to(self.device))]), num_micro_batches=1)
             losses.append(float(out))
         return sum(losses) / len(losses)
+
+
+def pad_micro_batch(
+    tokens: torch.Tensor, targets: torch.Tensor, size: int, ignore_index: int
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """``tokens`` and ``targets`` [m, s] grown to [size, s] with rows whose targets are all ``ignore_index`` (their
+    tokens copy row 0, any valid ids would do): the loss, a mean over the targets that count (model/loss.py, the
+    vocabulary-parallel loss alike), and its z-loss term are those of the m real rows. Raises ValueError when
+    m > size."""
+    m = tokens.shape[0]
+    if m > size:
+        raise ValueError(f"a micro-batch of {m} sequences is larger than the pipeline's micro-batch size {size}")
+    if m == size:
+        return tokens, targets
+    pad = size - m
+    return (
+        torch.cat([tokens, tokens[:1].expand(pad, -1)]),
+        torch.cat([targets, targets.new_full((pad, targets.shape[1]), ignore_index)]),
+    )
