@@ -10,12 +10,32 @@ import pytest
 
 from tests.distributed.test_tp_training import compare, distributed, single
 
+EVAL_ALL = 44
+"""Validation batches of 4 that cover the whole val split of the test corpus (174 samples at seq_len 64), the last
+one short (2 samples): a pipeline fixes its activation shapes at first use, and a short batch used to make one stage
+fail while the other waited for it forever (issue 14)."""
+
+
+def assert_short_last_validation_batch() -> None:
+    from tests.distributed.test_tp_training import BASE
+    from tplus_dist.config import load_config
+    from tplus_dist.data.loader import fetch_manifest
+    from tplus_dist.train.run import ensure_prepared
+
+    cfg = load_config("configs/tiny.yaml", BASE)
+    samples = fetch_manifest(ensure_prepared(cfg), cfg.data.cache_dir)["splits"]["val"]["samples"]
+    micro = cfg.train.micro_batch_size
+    assert micro * (EVAL_ALL - 1) < samples < micro * EVAL_ALL, (samples, micro)
+
 
 @pytest.mark.slow
 @pytest.mark.parametrize("zero", [0, 1])
 @pytest.mark.parametrize("tied", [True, False])
 def test_pipeline_equals_one_process(tmp_path: Path, zero: int, tied: bool) -> None:
     model = [f"--model.tie_embeddings={str(tied).lower()}", "--model.z_loss=1e-4"]
+    if zero == 1 and tied:  # validation over every sample of the split: 174 = 43 x 4 + 2, a short last batch
+        model += ["--train.eval_interval=5", f"--train.eval_batches={EVAL_ALL}"]
+        assert_short_last_validation_batch()
     compare(
         single(tmp_path, "--train.grad_accum=4", *model),
         distributed(
@@ -71,6 +91,9 @@ def test_relative_bias_tables_per_layer_split_over_stages_and_heads(tmp_path: Pa
 def test_interleaved_pipeline_equals_one_process(tmp_path: Path, zero: int) -> None:
     # 4 layers in 4 chunks: rank 0 holds layers 0 and 2, rank 1 layers 1 and 3; the tied embedding spans ranks
     model = ["--model.tie_embeddings=true", "--model.z_loss=1e-4"]
+    if zero == 0:  # validation with a short last batch, as above
+        model += ["--train.eval_interval=5", f"--train.eval_batches={EVAL_ALL}"]
+        assert_short_last_validation_batch()
     compare(
         single(tmp_path, "--train.grad_accum=4", *model),
         distributed(

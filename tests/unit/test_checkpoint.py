@@ -4,7 +4,6 @@ checkpoints are refused with a message naming what is wrong."""
 
 from __future__ import annotations
 
-import json
 import os
 import signal
 from pathlib import Path
@@ -18,6 +17,7 @@ from tplus_dist.checkpoint.sharded import checkpoint_parameters
 from tplus_dist.checkpoint.signals import StopRequest
 from tplus_dist.config import ConfigError, load_config
 from tplus_dist.train.hooks import Hook
+from tplus_dist.train.metrics import read_metrics
 from tplus_dist.train.run import build_trainer, train
 
 CACHE = Path(__file__).resolve().parents[2] / ".cache" / "tplus-tests"
@@ -87,8 +87,7 @@ def test_a_signal_saves_and_stops_and_the_resumed_run_is_the_same_run(tmp_path: 
     assert rows(first) + rows(rest) == whole  # bit for bit: losses, norms, lr, samples, validation
     got, want = final_model(run_dir), final_model(whole_dir)
     assert got.keys() == want.keys() and all(torch.equal(got[k], want[k]) for k in want)
-    steps = [json.loads(line)["step"] for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
-    assert steps == [1, 2, 3, 4, 5, 6]
+    assert [m["step"] for m in read_metrics(run_dir)] == [1, 2, 3, 4, 5, 6]
     assert not (tmp_path / "run-1").exists()  # resumed in place
 
 
