@@ -178,14 +178,16 @@ def verify_resume(
         base = Path(cfg.log.run_dir.format(name=f"{cfg.log.name}-verify-resume-{job}"))
     fresh = dataclasses.replace(cfg, checkpoint=dataclasses.replace(cfg.checkpoint, resume="none"))
     again = dataclasses.replace(other, checkpoint=dataclasses.replace(other.checkpoint, resume="auto"))
+    from tplus_dist.parallel.groups import destroy_process_groups
+
+    failed = True
     try:
         whole, whole_state = _run(fresh, base / "uninterrupted", None)
         first, _ = _run(fresh, base / "resumed", at)
         rest, rest_state = _run(again, base / "resumed", None)
+        failed = False
     finally:
-        from tplus_dist.parallel.groups import destroy_process_groups
-
-        destroy_process_groups()
+        destroy_process_groups(failed=failed)  # after a failure: no collective (a peer may be gone)
         if own_dir and rank0:
             shutil.rmtree(base, ignore_errors=True)
     resumed = first + rest

@@ -322,6 +322,13 @@ def open_run(cfg: RunConfig, run_dir: Path | None, data: Data) -> RunStart:
     comm.agree(error, ValueError)
     run_dir_s, identity, existed, candidates = comm.broadcast(plan)
     run_dir = Path(run_dir_s)
+    if comm.world() > 1:  # every rank writes its own checkpoint files: each checks it can, wherever it runs
+        try:
+            check_writable(checkpoint_root(cfg, run_dir), "checkpoint.dir")
+            error = None
+        except ConfigError as e:
+            error = ConfigError("checkpoint.dir", f"on rank {comm.rank()}: {e.reason}")
+        comm.agree(error, ValueError)
     manager = CheckpointManager(cfg, checkpoint_root(cfg, run_dir), identity)
     try:
         ckpt = None
