@@ -79,7 +79,7 @@ rc=$?
 # tplus launch exits with its ranks' code (tplus_dist/exitcodes.py): 75 means "stopped with a checkpoint, resume
 # me" (the preemption above, a SIGTERM, a Ctrl-C); 0 finished; 1 failed; 2 bad input.
 if [[ $rc == 75 ]]; then
-    echo "tplus: the run stopped with a checkpoint; requeueing job $SLURM_JOB_ID to resume it"
+    echo "tplus: requeueing job $SLURM_JOB_ID: the run stopped with a checkpoint (exit code 75) and resumes from it"
     scontrol requeue "$SLURM_JOB_ID"
     exit 0
 fi
