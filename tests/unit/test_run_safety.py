@@ -307,6 +307,30 @@ def test_a_second_job_on_a_running_run_stops_at_once_naming_the_holder(tmp_path:
     assert "resumed from" in capsys.readouterr().out and (run_dir / "checkpoints" / step_name(6)).is_dir()
 
 
+def test_two_starts_of_one_run_at_once_let_one_run_and_stop_the_other(tmp_path: Path) -> None:
+    run_dir = tmp_path / "run"
+    # started together; a stays alive (stuck in step 3) so that whoever loses the lock meets a live holder
+    a = tplus_train(run_dir, fault="data:hang:step=3")
+    b = tplus_train(run_dir)
+    try:
+        out_b, _ = b.communicate(timeout=300)
+        if b.returncode == 2:  # a took the run first
+            assert f"{run_dir} is in use by another job (pid {a.pid} on" in out_b, out_b[-3000:]
+            loser_out = out_b
+        else:  # b took it first and finished; a stopped at once
+            assert b.returncode == 0, out_b[-3000:]
+            out_a, _ = a.communicate(timeout=120)
+            assert a.returncode == 2 and f"is in use by another job (pid {b.pid} on" in out_a, out_a[-3000:]
+            loser_out = out_a
+        assert "parameters on" not in loser_out  # the loser trained nothing
+        steps = [json.loads(line)["step"] for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+        assert len(steps) == len(set(steps))  # one job's rows, each once
+        assert not (tmp_path / "run-1").exists()
+    finally:
+        a.kill()
+        a.communicate()
+
+
 def test_a_checkpoint_directory_of_another_run_is_refused_and_its_checkpoint_resumes_only_by_name(
     tmp_path: Path, capsys
 ) -> None:

@@ -301,15 +301,19 @@ def open_run(cfg: RunConfig, run_dir: Path | None, data: Data) -> RunStart:
         try:
             base = Path(cfg.log.run_dir.format(name=cfg.log.name))
             if run_dir is None:  # auto continues the configured directory when its checkpoints are there
-                own = resume == "auto" and base.is_dir() and complete_checkpoints(checkpoint_root(cfg, base))
-                run_dir = base if own else planned_run_dir(base)
+                run_dir = base
+                if base.is_dir() and any(base.iterdir()):
+                    lock = RunLock(base)  # a job running there (even before its first checkpoint): stop here
+                    if resume != "auto" or not complete_checkpoints(checkpoint_root(cfg, base)):
+                        lock.release()
+                        lock, run_dir = None, planned_run_dir(base)  # another run's files: NAME-1, -2, ...
             existed = run_dir.is_dir() and any(run_dir.iterdir())
             root = checkpoint_root(cfg, run_dir)
             check_writable(run_dir, "log.run_dir")
             check_writable(root, "checkpoint.dir")
             if explicit is not None and not explicit.exists():
                 raise CheckpointError(f"checkpoint.resume: {explicit} does not exist")
-            if existed:
+            if existed and lock is None:
                 lock = RunLock(run_dir)  # before reading its checkpoints: no other job may be writing them
             identity = (read_identity(run_dir) if existed else None) or new_identity(run_dir)
             owned = CheckpointManager(cfg, root, identity).owned(complete_checkpoints(root), legacy_ours=existed)
