@@ -12,7 +12,6 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-import secrets
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -65,9 +64,11 @@ def fetch_manifest(shards: str, cache_dir: str | Path) -> dict[str, Any]:
         import_streaming()
         from streaming.base.storage.download import CloudDownloader
 
+        from tplus_dist.data.cached_stream import temp_name
+
         path = Path(cache_dir) / "remote" / _uri_key(shards) / "manifest.json"
         path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_name(f"manifest.json.tmp-{_host()}-{os.getpid()}")
+        tmp = temp_name(path)
         try:
             CloudDownloader.direct_download(f"{shards.rstrip('/')}/manifest.json", str(tmp), 60)
         except Exception as e:  # storage clients raise their own types
@@ -100,136 +101,6 @@ def clean_stale_shared_memory() -> int:
         return len(clean_stale_registrations())
 
 
-def _host() -> str:
-    return os.uname().nodename.replace("-", "_")
-
-
-_TMP_MARK = ".tmp-"
-
-
-def _temp_name(path: Path) -> Path:
-    """A name beside ``path`` that no other process (of this or another node sharing the directory) uses."""
-    return path.with_name(f"{path.name}{_TMP_MARK}{_host()}-{os.getpid()}-{secrets.token_hex(4)}")
-
-
-def _write_atomically(path: Path, data: bytes) -> None:
-    tmp = _temp_name(path)
-    try:
-        tmp.write_bytes(data)
-        os.replace(tmp, path)  # readers see the whole file or none; concurrent writers of the same bytes are harmless
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
-
-
-def _remove_dead_temp_files(directory: Path) -> None:
-    """Temp files of processes on this node that are gone (a job killed while decompressing a shard)."""
-    from tplus_dist.data.prepare import _pid_alive
-
-    host = _host()
-    for path in directory.glob(f"*{_TMP_MARK}{host}-*"):
-        pid = path.name.rsplit(_TMP_MARK, 1)[1].removeprefix(f"{host}-").split("-", 1)[0]
-        if pid.isdigit() and not _pid_alive(int(pid)):
-            path.unlink(missing_ok=True)
-
-
-def _make_cached_stream_class() -> type:
-    """Defined on first use: it subclasses streaming's Stream, and streaming is imported only when needed."""
-    import_streaming()
-    from streaming.base.compression import decompress
-    from streaming.base.storage.download import CloudDownloader
-    from streaming.base.stream import Stream
-    from streaming.base.util import retry
-
-    from tplus_dist.data.prepare import ManifestError
-
-    class CachedStream(Stream):
-        """A split read from ``source`` (a prepared directory's split, local or remote) through a decompressed copy
-        in ``local`` (under data.cache_dir): nothing is ever written into the source, and any number of jobs share
-        one copy.
-
-        Streaming (``streaming/base/stream.py:Stream``) would decompress a local dataset in place (``local`` is the
-        source when there is no remote), and with a remote it refuses a second live dataset on the same ``local``
-        (``streaming/base/shared/prefix.py:_check_and_find``, "Reused local directory"). This stream is given no
-        remote, so concurrent jobs may share ``local``, and fetches each shard itself, on first use: it reads (or
-        downloads) the compressed file, checks its sha256 against the manifest when one is given (remote shards are
-        verified here, as they arrive), decompresses it, and renames the result into place from a temp name unique
-        to the process, so two jobs preparing the same shard never see a partial file."""
-
-        def __init__(self, source: str, local: str, sha256: dict[str, str] | None = None) -> None:
-            super().__init__(remote=None, local=local, split=None)
-            self.source = source.rstrip("/")
-            self.sha256 = dict(sha256 or {})
-
-        def set_up_local(self, shards: list[Any], cache_usage_per_shard: np.ndarray) -> None:
-            # The compressed files live in the source: count them as present, so that streaming (no remote, so it
-            # "keeps zips", ``streaming/base/format/base/reader.py:Reader.set_up_local``) never deletes a
-            # decompressed file for lack of its zip, and asks prepare_shard for a missing one on first use.
-            listing = {str(p) for p in Path(self.local).iterdir() if p.is_file()}
-            for shard in shards:
-                for _, zip_info in shard.file_pairs:
-                    if zip_info is not None:
-                        listing.add(os.path.join(self.local, zip_info.basename))
-            for i, shard in enumerate(shards):
-                cache_usage_per_shard[i] = shard.set_up_local(listing, self.safe_keep_zip)
-
-        def _fetch(self, basename: str) -> bytes:
-            if not is_remote(self.source):
-                return Path(self.source, basename).read_bytes()
-            tmp = _temp_name(Path(self.local) / basename)
-            remote = f"{self.source}/{basename}"
-            try:
-                retry(num_attempts=self.download_retry)(
-                    lambda: CloudDownloader.direct_download(remote, str(tmp), self.download_timeout)
-                )()
-                return tmp.read_bytes()
-            finally:
-                tmp.unlink(missing_ok=True)
-
-        def prepare_shard(self, shard: Any) -> int:
-            """Make the shard's decompressed file(s) present in ``local``; returns the bytes added. Raises
-            ManifestError (a ValueError) naming the source file when it is damaged (sha256, size, or zstd)."""
-            delta = 0
-            for raw_info, zip_info in shard.file_pairs:
-                raw_path = Path(self.local) / raw_info.basename
-                if raw_path.is_file():
-                    continue
-                info = zip_info or raw_info
-                where = f"{self.source}/{info.basename}"
-                data = self._fetch(info.basename)
-                want = self.sha256.get(info.basename)
-                if want is not None and hashlib.sha256(data).hexdigest() != want:
-                    raise ManifestError(
-                        f"{where}: damaged: its sha256 is {hashlib.sha256(data).hexdigest()}, the manifest lists {want}"
-                    )
-                if zip_info is not None:
-                    try:
-                        data = decompress(shard.compression, data)
-                    except Exception as e:  # zstd.Error and kin: name the file instead of a codec traceback
-                        raise ManifestError(f"{where}: cannot be decompressed ({shard.compression}: {e})") from None
-                if len(data) != raw_info.bytes:
-                    raise ManifestError(
-                        f"{where}: holds {len(data)} bytes of samples, its index.json lists {raw_info.bytes}"
-                    )
-                _write_atomically(raw_path, data)
-                delta += raw_info.bytes
-            return delta
-
-    return CachedStream
-
-
-_cached_stream_class: type | None = None
-
-
-def cached_stream(source: str, local: str, sha256: dict[str, str] | None = None) -> Any:
-    """A streaming Stream over ``source`` (a split's directory or URI) decompressed on first use into ``local``;
-    ``sha256``: shard file name -> expected sha256 (from the manifest), checked as each shard is fetched."""
-    global _cached_stream_class
-    if _cached_stream_class is None:
-        _cached_stream_class = _make_cached_stream_class()
-    return _cached_stream_class(source, local, sha256)
-
-
 def split_cache_dir(shards: str, split: str, cache_dir: str | Path, index_bytes: bytes, sha256: dict[str, str]) -> Path:
     """Where a split's decompressed shards are cached: ``cache_dir/{local,remote}/<key>/<split>``, the key a hash of
     the source (absolute path or URI) and of its content (index.json and the manifest's shard checksums), so that
@@ -252,8 +123,10 @@ def _read_index(shards: str, split: str, cache_dir: str | Path) -> bytes:
     import_streaming()
     from streaming.base.storage.download import CloudDownloader
 
+    from tplus_dist.data.cached_stream import temp_name
+
     uri = f"{shards.rstrip('/')}/{split}/index.json"
-    tmp = _temp_name(Path(cache_dir) / "remote" / _uri_key(shards) / f"{split}-index.json")
+    tmp = temp_name(Path(cache_dir) / "remote" / _uri_key(shards) / f"{split}-index.json")
     tmp.parent.mkdir(parents=True, exist_ok=True)
     try:
         CloudDownloader.direct_download(uri, str(tmp), 60)
@@ -273,6 +146,7 @@ def open_split(shards: str, split: str, cache_dir: str | Path, manifest: dict[st
     sample count), and each shard's sha256 is checked as it is fetched. Raises ManifestError (ValueError) or
     FileNotFoundError naming the file."""
     streaming = import_streaming()
+    from tplus_dist.data.cached_stream import CachedStream, remove_dead_temp_files, write_atomically
     from tplus_dist.data.prepare import ManifestError
     from tplus_dist.data.verify import check_index
 
@@ -290,9 +164,9 @@ def open_split(shards: str, split: str, cache_dir: str | Path, manifest: dict[st
     local.mkdir(parents=True, exist_ok=True)
     index = local / "index.json"
     if not index.is_file() or index.read_bytes() != index_bytes:
-        _write_atomically(index, index_bytes)
-    _remove_dead_temp_files(local)
-    stream = cached_stream(source, str(local), sha256)
+        write_atomically(index, index_bytes)
+    remove_dead_temp_files(local)
+    stream = CachedStream(source, str(local), sha256, remote=is_remote(shards))
     return streaming.StreamingDataset(streams=[stream], shuffle=False, batch_size=1, predownload=None)
 
 
