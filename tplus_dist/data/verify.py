@@ -224,13 +224,16 @@ def verify_prepared(
     )
 
 
-def dist_verify_prepared(directory: str | Path, cache_dir: str | Path) -> VerifyReport:
-    """:func:`verify_prepared` in every process of the torch.distributed job (each hashes its share; one process a
-    node, LOCAL_RANK 0, writes the cache), or in this process alone when torch.distributed is not initialized."""
+def dist_verify_prepared(
+    directory: str | Path, cache_dir: str | Path | None, threads: int | None = None
+) -> VerifyReport:
+    """:func:`verify_prepared` in every process of the torch.distributed job (each hashes its share with ``threads``
+    threads; one process a node, LOCAL_RANK 0, writes the cache), or in this process alone when torch.distributed
+    is not initialized. Every rank raises the same ManifestError, or returns the same totals."""
     import torch.distributed as dist
 
     if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
-        return verify_prepared(directory, cache_dir)
+        return verify_prepared(directory, cache_dir, threads=threads)
     world = dist.get_world_size()
 
     def gather(obj: Any) -> list[Any]:
@@ -245,4 +248,5 @@ def dist_verify_prepared(directory: str | Path, cache_dir: str | Path) -> Verify
         world=world,
         all_gather=gather,
         write_cache=int(os.environ.get("LOCAL_RANK", "0")) == 0,
+        threads=threads,
     )
