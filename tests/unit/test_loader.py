@@ -328,6 +328,9 @@ def test_a_live_jobs_segments_survive_another_jobs_start_and_a_killed_ones_go(sh
         assert ds._shm_prefix_int != live_prefix
         # the live job's segments are the same files (not removed, not made anew); the killed job's are gone
         assert {p: os.stat(p).st_ino for p in live_files} == live_files
+        # and choosing a prefix left no descriptor of ours on them (streaming's scan keeps one per segment it looks
+        # at, which would make them look alive after their job dies)
+        assert os.getpid() not in holding_pids(set(live_files))
         if not foreign:
             assert all(not os.path.exists(p) or os.stat(p).st_ino != ino for p, ino in killed_files.items())
         live.stdin.write("go\n")

@@ -65,29 +65,26 @@ def _files_of(prefix: int) -> list[Path]:
 
 
 def registrations() -> dict[int, list[str]]:
-    """Every prefix on this node that has a ``locals`` segment, with the local directories it names ([] once its
-    dataset released it: streaming's ``StreamingDataset.__del__`` zeroes the record but leaves the segment), and
-    every prefix that has only file locks left in the temp dir (also []: the job is gone or leaving, its segments
-    removed, e.g. by Python's resource tracker, but streaming skips a prefix while its file locks exist)."""
-    from streaming.base.constant import BARRIER_FILELOCK, CACHE_FILELOCK, LOCALS
+    """Every prefix on this node that has any of streaming's files (a segment in /dev/shm or a file lock in the temp
+    dir), with the local directories its ``locals`` segment names: [] when it has none, or once its dataset
+    released it (streaming's ``StreamingDataset.__del__`` zeroes the record but leaves the segment), or when only
+    file locks are left (streaming skips a prefix while they exist)."""
+    from streaming.base.constant import BARRIER_FILELOCK, CACHE_FILELOCK, LOCALS, SHM_TO_CLEAN
     from streaming.base.shared.prefix import _get_path, _unpack_locals
 
-    suffix = _get_path(0, LOCALS).split("_", 1)[1]
+    names = {*SHM_TO_CLEAN, BARRIER_FILELOCK, CACHE_FILELOCK}
     out: dict[int, list[str]] = {}
-    for name in (BARRIER_FILELOCK, CACHE_FILELOCK):
-        for path in Path(gettempdir()).glob(f"*_{name}"):
-            head = path.name.split("_", 1)[0]
-            if head.isdigit() and len(head) == 6:
-                out[int(head)] = []
-    for path in SHM_DIR.glob(f"*_{suffix}"):
-        head = path.name.split("_", 1)[0]
-        if not head.isdigit():
-            continue
+    for directory in (SHM_DIR, Path(gettempdir())):
+        for path in directory.glob("[0-9][0-9][0-9][0-9][0-9][0-9]_*"):
+            head, _, name = path.name.partition("_")
+            if head.isdigit() and name in names:
+                out.setdefault(int(head), [])
+    for prefix in out:
         try:
-            their_locals, _ = _unpack_locals(path.read_bytes())
-        except Exception:  # vanished, or not streaming's format: not ours to judge
+            their_locals, _ = _unpack_locals((SHM_DIR / _get_path(prefix, LOCALS)).read_bytes())
+        except Exception:  # none, vanished, or not streaming's format
             continue
-        out[int(head)] = [os.path.abspath(p) for p in their_locals if p]
+        out[prefix] = [os.path.abspath(p) for p in their_locals if p]
     return out
 
 
@@ -109,6 +106,34 @@ def clean_stale_registrations() -> list[int]:
     return removed
 
 
+def first_free_prefix(streams_local: list[str], streams_remote: list[str | None]) -> int:
+    """The lowest prefix none of whose segments or file locks exists. Raises ValueError, as streaming does, when a
+    live registration already names one of our local directories for a stream with a remote (two datasets would
+    download into one directory). Unlike streaming's ``_check_and_find``, which attaches a SharedMemory to every
+    segment it looks at and never closes it (an open descriptor per segment per scan, held until the process
+    exits, which also makes dead jobs' segments look alive), this only looks at names and reads files."""
+    from streaming.base.constant import LOCALS, SHM_TO_CLEAN
+    from streaming.base.shared.prefix import _get_path, _unpack_locals
+
+    prefix = 0
+    while True:
+        files = _files_of(prefix)
+        if not any(f.exists() for f in files):
+            return prefix
+        if any(streams_remote):
+            try:
+                their_locals, _ = _unpack_locals((SHM_DIR / _get_path(prefix, LOCALS)).read_bytes())
+            except (OSError, ValueError, IndexError):
+                their_locals = []
+            for local, remote in zip(streams_local, streams_remote, strict=True):
+                if remote is not None and local in their_locals:
+                    raise ValueError(
+                        f"Reused local directory: {streams_local} vs {their_locals} (shared-memory prefix {prefix}, "
+                        f"files {[f.name for f in files if f.exists()][: len(SHM_TO_CLEAN)]}). Provide a different one."
+                    )
+        prefix += 1
+
+
 def get_shm_prefix(
     streams_local: list[str], streams_remote: list[str | None], world: Any, retry: int = 100
 ) -> tuple[int, Any]:
@@ -117,17 +142,12 @@ def get_shm_prefix(
     :func:`registration_lock`; the node's other ranks receive the number from it (``all_gather_object`` over the
     default group, when torch.distributed is initialized, where streaming's own function used two barriers).
     Raises ValueError as streaming does for a reused local directory (with a remote), RuntimeError when a rank
-    cannot find its leader's registration."""
+    cannot find its leader's registration. ``retry``: attempts when a prefix is taken between choosing and
+    creating it (only a streaming user outside this lock can do that)."""
     import torch.distributed as dist
-    from streaming.base.constant import LOCALS, SHM_TO_CLEAN
+    from streaming.base.constant import LOCALS
     from streaming.base.shared import SharedMemory
-    from streaming.base.shared.prefix import (
-        _check_and_find_retrying,
-        _check_self,
-        _get_path,
-        _pack_locals,
-        _unpack_locals,
-    )
+    from streaming.base.shared.prefix import _check_self, _get_path, _pack_locals, _unpack_locals
 
     _check_self(streams_local)
     prefix, shm = -1, None
@@ -135,10 +155,7 @@ def get_shm_prefix(
         with registration_lock():
             clean_stale_registrations()
             for _ in range(1 + retry):
-                prefix = max(
-                    _check_and_find_retrying(streams_local, streams_remote, shm_name=name, retry=retry)
-                    for name in SHM_TO_CLEAN
-                )
+                prefix = first_free_prefix(streams_local, streams_remote)
                 data = _pack_locals(streams_local, prefix)
                 try:
                     shm = SharedMemory(_get_path(prefix, LOCALS), True, len(data))

@@ -172,6 +172,13 @@ def verify_prepared(
         index_file = root / split["index"]["file"]
         check_index(index_file.read_bytes(), split, str(index_file))
     entries = listed_files(manifest)
+    for e in entries:  # read_manifest checked the shards' and indexes' sizes; the tokenizer's too, here
+        try:
+            size = (root / e["file"]).stat().st_size
+        except FileNotFoundError:
+            raise ManifestError(f"{root / e['file']}: missing (listed in {root / 'manifest.json'})") from None
+        if size != e["bytes"]:
+            raise ManifestError(f"{root / e['file']}: size differs: {size} bytes, the manifest lists {e['bytes']}")
     cfile = cache_path(cache_dir, root) if cache_dir is not None else None
     cache = _load_cache(cfile) if cfile is not None else {}
     mine = assign([int(e["bytes"]) for e in entries], world)[rank]
