@@ -78,6 +78,7 @@ def _rank(rank: int, world: int, data: str, out: str) -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
+    """Write the synthetic data, print the table (see the module docstring), remove the data; returns 0."""
     from tplus_dist.spawn import run_distributed
 
     ap = argparse.ArgumentParser(prog="python -m tplus_dist.data.bench_verify", description=__doc__)

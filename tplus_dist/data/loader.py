@@ -232,9 +232,11 @@ class ShardBatches:
 
     @property
     def num_samples(self) -> int:
+        """Samples in the split (one epoch of the stream)."""
         return self.order.n
 
     def batch_size_at(self, position: int) -> int:
+        """The global batch (sequences) of the step that starts at stream position ``position``."""
         return self.ramp.batch_size(position * self.seq_len)
 
     def _plan(self, start: int) -> Iterator[np.ndarray]:
@@ -262,6 +264,7 @@ class ShardBatches:
         return zip(plan, loader, strict=False)
 
     def next_step(self) -> StepBatch:
+        """This rank's micro-batches of the next optimizer step; advances the position by the global batch."""
         if self._stream is None:
             self._stream = self._open_stream()
         b = self.batch_size_at(self.position)
@@ -274,9 +277,11 @@ class ShardBatches:
         return StepBatch(micro, b, first, first + b - 1)
 
     def state_dict(self) -> dict[str, Any]:
+        """The stream position, with the sample count and seed that give it its meaning."""
         return {"position": self.position, "num_samples": self.order.n, "seed": self.order.seed}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
+        """Continue from a saved position. Raises ValueError when the data or its seed differ (another order)."""
         if state["num_samples"] != self.order.n or state["seed"] != self.order.seed:
             raise ValueError(
                 f"data state is for {state['num_samples']} samples with seed {state['seed']}, but the dataset has "

@@ -114,6 +114,7 @@ def is_val_document(ordinal: int, val_fraction: float) -> bool:
 
 
 def token_dtype(vocab_size: int) -> str:
+    """The narrowest unsigned dtype that holds every token id: uint16 up to 65536 ids, else uint32."""
     return "uint16" if vocab_size <= 1 << 16 else "uint32"
 
 
@@ -876,6 +877,7 @@ def _default_workers() -> int:
 
 
 def build_parser() -> argparse.ArgumentParser:
+    """The options of `tplus prepare` (preparing; ``--verify`` is dispatched to :func:`build_verify_parser`)."""
     p = argparse.ArgumentParser(
         prog="tplus prepare",
         description="Tokenize documents into packed, zstd-compressed MDS shards (train/ and val/) with a manifest.",
@@ -924,6 +926,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def build_verify_parser() -> argparse.ArgumentParser:
+    """The options of `tplus prepare --verify DIR [--workers N]`."""
     p = argparse.ArgumentParser(
         prog="tplus prepare --verify",
         description="Check a prepared dataset against its manifest.json: every listed file's size and sha256 (no "
@@ -953,7 +956,7 @@ def verify_main(argv: list[str]) -> int:
         return 1
     gb = report.bytes / 1e9
     print(
-        f"verified {args.verify}: {report.files} files, {gb:.3f} GB in {report.seconds:.2f} s "
+        f"verified {args.verify}: {report.files} files, {report.bytes:,} bytes ({gb:.3f} GB) in {report.seconds:.2f} s "
         f"({gb / max(report.seconds, 1e-9):.2f} GB/s, {args.workers} thread(s)): intact"
     )
     return 0
@@ -964,6 +967,8 @@ def _raise_interrupt(signum: int, frame: FrameType | None) -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
+    """`tplus prepare ...`: prepare (exit 0; 2 bad input; 1 an OS error on the output side; 130 interrupted), or
+    with ``--verify DIR`` check a prepared dataset (:func:`verify_main`)."""
     argv = list(sys.argv[1:] if argv is None else argv)
     if any(a == "--verify" or a.startswith("--verify=") for a in argv):
         return verify_main(argv)
