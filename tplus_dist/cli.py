@@ -33,6 +33,8 @@ commands:
   bench [--model PRESET] [...]             forward+backward tokens/s beside a nanoGPT-style reference
   prepare --input PATH... --tokenizer SPEC --seq-len N --out DIR [...]
                                            tokenize documents into packed MDS shards (tplus prepare --help)
+  prepare --verify DIR [--workers N]       check a prepared dataset against its manifest (sizes, sha256s,
+                                           index.json): exit 0 intact, 2 damaged (naming the file)
 """
 
 

@@ -8,6 +8,7 @@ import subprocess
 import sys
 import textwrap
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pytest
@@ -170,14 +171,16 @@ def test_restart_after_kill_cleans_its_own_shared_memory(shards: Path, tmp_path:
         print("ready", flush=True)
         time.sleep(60)
     """)
-    proc = subprocess.Popen([sys.executable, "-c", script], stdout=subprocess.PIPE, text=True)
+    proc = subprocess.Popen([sys.executable, "-c", script], stdout=subprocess.PIPE, text=True, start_new_session=True)
     assert proc.stdout is not None and proc.stdout.readline().strip() == "ready"
-    os.kill(proc.pid, signal.SIGKILL)
+    # the whole process group, as a scheduler kills a job: Python's resource tracker too, which would otherwise
+    # unlink the segments it saw created (and then there would be nothing stale to test)
+    os.killpg(proc.pid, signal.SIGKILL)
     proc.wait()
     streaming = import_streaming()
-    from tplus_dist.data.loader import clean_own_shared_memory
+    from tplus_dist.data.loader import clean_stale_shared_memory
 
-    assert clean_own_shared_memory([str(cache / "train")]) >= 1
+    assert clean_stale_shared_memory() >= 1
     ds = streaming.StreamingDataset(remote=f"{shards}/train", local=str(cache / "train"), shuffle=False, batch_size=1)
     assert int(ds[0]["tokens"][0]) == 0
 
@@ -203,3 +206,137 @@ def test_two_gloo_ranks_get_disjoint_samples_covering_the_epoch(shards: Path, tm
     assert not set(ids[0]) & set(ids[1])
     assert sorted(ids[0] + ids[1]) == list(range(N))
     assert dict(parts[0] + parts[1]) == dict(consumed(batches(shards, end=8), N // 8))
+
+
+def _concurrent_job(
+    rank: int, world: int, port: int, shards: str, cache: str, rounds: int, barrier: Any, report: str
+) -> None:
+    """One rank of one job (a forked process): each round, open the shards when every process of every job does, read a
+    few samples while all of them hold their datasets, then let go."""
+    import gc
+    import traceback
+
+    os.environ.update(
+        RANK=str(rank),
+        WORLD_SIZE=str(world),
+        LOCAL_RANK=str(rank),
+        LOCAL_WORLD_SIZE=str(world),
+        MASTER_ADDR="127.0.0.1",
+        MASTER_PORT=str(port),
+    )
+    try:
+        if world > 1:
+            import torch.distributed as dist
+
+            dist.init_process_group("gloo", rank=rank, world_size=world)
+        for r in range(rounds):
+            barrier.wait(timeout=120)
+            ds = open_split(shards, "train", cache)
+            for i in (0, 7 * r + rank + 1, N - 1 - r):
+                got = np.asarray(ds[i]["tokens"]).tolist()
+                if got != [(i + k) % 65536 for k in range(SEQ + 1)]:
+                    raise AssertionError(f"sample {i}: {got}")
+            barrier.wait(timeout=120)
+            del ds
+            gc.collect()
+    except BaseException:
+        Path(report).write_text(traceback.format_exc())
+        barrier.abort()
+        raise
+
+
+def test_jobs_starting_together_on_the_same_shards(tmp_path: Path) -> None:
+    """Three jobs (one of two gloo ranks, two of one process) open the same shards at the same instant, three rounds,
+    each reading while the others hold theirs: no registration error, the right samples, and the prepared folder
+    is only read (shards are decompressed into the cache, never beside the source)."""
+    import multiprocessing
+
+    from tplus_dist.spawn import free_port
+
+    src = tmp_path / "src"
+    write_split(src / "train")
+    before = sorted(p.name for p in (src / "train").iterdir())
+    ctx = multiprocessing.get_context("fork")  # the children start with everything imported: seconds saved
+    barrier = ctx.Barrier(4)
+    jobs = [(0, 2), (1, 2), (0, 1), (0, 1)]  # (rank, world): the first two are one job
+    ports = [free_port()] * 2 + [free_port(), free_port()]
+    procs = [
+        ctx.Process(
+            target=_concurrent_job,
+            args=(rank, world, port, str(src), str(tmp_path / "cache"), 3, barrier, str(tmp_path / f"err{i}")),
+        )
+        for i, ((rank, world), port) in enumerate(zip(jobs, ports, strict=True))
+    ]
+    for p in procs:
+        p.start()
+    for p in procs:
+        p.join(300)
+    errors = [(tmp_path / f"err{i}").read_text() for i in range(4) if (tmp_path / f"err{i}").exists()]
+    errors.sort(key=lambda e: "BrokenBarrierError" in e)  # the cause first, the others' broken barriers after
+    assert not errors, errors[0]
+    assert [p.exitcode for p in procs] == [0, 0, 0, 0]
+    assert sorted(p.name for p in (src / "train").iterdir()) == before
+    assert not list((src / "train").glob("*.mds"))
+
+
+def holding_pids(files: set[str]) -> set[int]:
+    """Processes that have one of ``files`` open or mapped, from a plain scan of /proc (independent of tplus_dist)."""
+    pids = set()
+    for pid in filter(str.isdigit, os.listdir("/proc")):
+        try:
+            links = {os.readlink(f"/proc/{pid}/fd/{fd}") for fd in os.listdir(f"/proc/{pid}/fd")}
+            with open(f"/proc/{pid}/maps") as f:
+                mapped = {line.split()[-1] for line in f if "/dev/shm/" in line}
+        except OSError:
+            continue
+        if files & (links | mapped):
+            pids.add(int(pid))
+    return pids
+
+
+def test_a_live_jobs_segments_survive_another_jobs_start_and_a_killed_ones_go(shards: Path, tmp_path: Path) -> None:
+    cache = tmp_path / "cache"
+    script = textwrap.dedent(f"""
+        import sys
+        from tplus_dist.data.loader import open_split
+        ds = open_split("{shards}", "train", "{cache}")
+        print(ds._shm_prefix_int, flush=True)
+        sys.stdin.readline()
+        print(int(ds[5]["tokens"][0]), flush=True)
+    """)
+
+    def start() -> tuple[subprocess.Popen[str], int]:
+        p = subprocess.Popen(
+            [sys.executable, "-c", script], stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True,
+            start_new_session=True,
+        )  # fmt: skip
+        return p, p.pid
+
+    (live, _), (killed, _) = start(), start()
+    assert live.stdout is not None and killed.stdout is not None and live.stdin is not None
+    live_prefix, killed_prefix = int(live.stdout.readline()), int(killed.stdout.readline())
+    os.killpg(killed.pid, signal.SIGKILL)  # with its resource tracker, as a scheduler kills a job
+    killed.wait()
+    live_files = {str(p): p.stat().st_ino for p in Path("/dev/shm").glob(f"{live_prefix:06}_*")}
+    killed_files = {str(p): p.stat().st_ino for p in Path("/dev/shm").glob(f"{killed_prefix:06}_*")}
+    assert len(live_files) >= 6 and len(killed_files) >= 6
+    # a process of another job on this machine may have attached to the dead job's segments (streaming without
+    # tplus's registration can): then they are in use, and must stay
+    foreign = holding_pids(set(killed_files))
+    try:
+        ds = open_split(str(shards), "train", cache)  # this job's start: cleanup and registration
+        assert ds._shm_prefix_int != live_prefix
+        # the live job's segments are the same files (not removed, not made anew); the killed job's are gone
+        assert {p: os.stat(p).st_ino for p in live_files} == live_files
+        # and choosing a prefix left no descriptor of ours on them (streaming's scan keeps one per segment it looks
+        # at, which would make them look alive after their job dies)
+        assert os.getpid() not in holding_pids(set(live_files))
+        if not foreign:
+            assert all(not os.path.exists(p) or os.stat(p).st_ino != ino for p, ino in killed_files.items())
+        live.stdin.write("go\n")
+        live.stdin.flush()
+        assert live.stdout.readline().strip() == "5"
+        assert int(ds[5]["tokens"][0]) == 5
+    finally:
+        live.kill()
+        live.wait()

@@ -146,7 +146,8 @@ class DataConfig:
     val_fraction: float = 0.05
     """When shards is None: the share of documents held out for the validation loss."""
     cache_dir: str = ".cache/tplus"
-    """Local cache: downloaded remote shards and automatically prepared corpora."""
+    """Local cache: shards decompressed on first use (local and remote sources; the source is only read),
+    automatically prepared corpora, and the sha256 of verified files. Node-local disk is best."""
     shuffle: bool = True
     """Shuffle the sample order (per epoch, seeded); false reads the shards in order."""
     shuffle_block_shards: int = 8

@@ -1,9 +1,10 @@
 """Batches from prepared shards, in the global sample order (see order.py), for one data-parallel rank.
 
-Shards are read through mosaicml-streaming's StreamingDataset (local directories, or remote object stores
-downloaded into a local cache), used as a random-access store: the order is ours, not streaming's, because
-streaming's resumption is exact only for a constant global batch, and ours must not depend on the batch
-schedule, the number of ranks or where the run restarted.
+Shards are read through mosaicml-streaming's StreamingDataset (local directories, or remote object stores),
+used as a random-access store: the order is ours, not streaming's, because streaming's resumption is exact only
+for a constant global batch, and ours must not depend on the batch schedule, the number of ranks or where the
+run restarted. Each shard is decompressed on first use into data.cache_dir (never beside the source, which is
+only read), shared by every job on the node that reads the same data (see :func:`open_split`).
 """
 
 from __future__ import annotations
@@ -14,7 +15,6 @@ import os
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from tempfile import gettempdir
 from typing import Any
 
 import numpy as np
@@ -47,28 +47,28 @@ class StepBatch:
 
 
 def is_remote(uri: str) -> bool:
+    """Whether data.shards names an object store (s3://...) rather than a directory (a path or file://)."""
     return "://" in uri and not uri.startswith("file://")
 
 
-def split_location(shards: str, split: str, cache_dir: str | Path) -> tuple[str | None, str]:
-    """(remote, local) for streaming: a local directory is read in place; a remote one is cached under
-    cache_dir/remote/<hash of the URI>/split."""
-    if is_remote(shards):
-        key = hashlib.sha256(shards.rstrip("/").encode()).hexdigest()[:16]
-        return f"{shards.rstrip('/')}/{split}", str(Path(cache_dir) / "remote" / key / split)
-    return None, str(Path(shards) / split)
+def _uri_key(uri: str) -> str:
+    return hashlib.sha256(uri.rstrip("/").encode()).hexdigest()[:16]
 
 
 def fetch_manifest(shards: str, cache_dir: str | Path) -> dict[str, Any]:
-    """The manifest of a prepared dataset, downloading it first when remote."""
+    """The manifest of a prepared dataset, downloading it first when remote (into
+    ``cache_dir/remote/<hash of the URI>/manifest.json``). Local: ``read_manifest`` (keys, every listed file present
+    with its size; the checksums are :func:`tplus_dist.data.verify.verify_prepared`'s). Raises ManifestError /
+    ValueError / FileNotFoundError naming the file."""
     if is_remote(shards):
         import_streaming()
         from streaming.base.storage.download import CloudDownloader
 
-        _, local = split_location(shards, "manifest", cache_dir)
-        path = Path(local).with_name("manifest.json")
+        from tplus_dist.data.cached_stream import temp_name
+
+        path = Path(cache_dir) / "remote" / _uri_key(shards) / "manifest.json"
         path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_name(f"manifest.json.tmp-{os.getpid()}")
+        tmp = temp_name(path)
         try:
             CloudDownloader.direct_download(f"{shards.rstrip('/')}/manifest.json", str(tmp), 60)
         except Exception as e:  # storage clients raise their own types
@@ -78,7 +78,6 @@ def fetch_manifest(shards: str, cache_dir: str | Path) -> dict[str, Any]:
         from tplus_dist.data.prepare import read_manifest
 
         # every shard present with its listed size: a truncated or missing shard stops the run before it starts
-        # (`tplus_dist.data.prepare.verify_shards` also checks the sha256 of each)
         return read_manifest(shards)
     try:
         manifest = json.loads(path.read_text())
@@ -87,52 +86,88 @@ def fetch_manifest(shards: str, cache_dir: str | Path) -> dict[str, Any]:
     for key in ("seq_len", "tokenizer", "splits"):
         if key not in manifest:
             raise ValueError(f"data.shards: {path} lacks the key {key!r}; not a `tplus prepare` manifest")
-    return manifest
+    return dict(manifest)
 
 
-def clean_own_shared_memory(locals_: list[str]) -> int:
-    """Unlink streaming's shared memory left by a crashed earlier run that used our local directories.
-
-    Streaming registers each dataset's local directories in shared memory and refuses a second dataset on
-    the same directory; after a kill -9 those segments stay in /dev/shm and block the restart. Its own
-    clean_stale_shared_memory() removes every job's segments on the node; this removes only those that
-    name our directories. Returns the number of prefixes cleaned."""
+def clean_stale_shared_memory() -> int:
+    """Unlink streaming's shared memory (segments in /dev/shm, file locks in the temp dir) left on this node by jobs
+    that were killed: only registrations none of whose files a live process holds (a live job's are kept, whoever
+    made them). Opening a split does this itself, under the node's registration lock
+    (tplus_dist/data/streaming_shm.py); this entry point is for tools and tests. Returns the prefixes cleaned."""
     import_streaming()
-    from streaming.base.constant import BARRIER_FILELOCK, CACHE_FILELOCK, LOCALS, SHM_TO_CLEAN
-    from streaming.base.shared.prefix import _get_path, _unpack_locals
+    from tplus_dist.data.streaming_shm import clean_stale_registrations, registration_lock
 
-    ours = {os.path.abspath(p) for p in locals_}
-    cleaned = 0
-    # every registration there is, whatever its prefix: streaming skips prefixes that still have a filelock in
-    # the temp dir (crashed jobs leave those too), so registrations are not contiguous from 0
-    suffix = _get_path(0, LOCALS).lstrip("/").split("_", 1)[1]
-    for path in sorted(Path("/dev/shm").glob(f"*_{suffix}")):
-        head = path.name.split("_", 1)[0]
-        if not head.isdigit():
-            continue
-        prefix = int(head)
-        try:
-            their_locals, _ = _unpack_locals(path.read_bytes())
-        except Exception:
-            continue
-        if not ours & {os.path.abspath(p) for p in their_locals}:
-            continue
-        for name in SHM_TO_CLEAN:
-            (Path("/dev/shm") / _get_path(prefix, name).lstrip("/")).unlink(missing_ok=True)
-        for lock in (BARRIER_FILELOCK, CACHE_FILELOCK):
-            (Path(gettempdir()) / _get_path(prefix, lock).lstrip("/")).unlink(missing_ok=True)
-        cleaned += 1
-    return cleaned
+    with registration_lock():
+        return len(clean_stale_registrations())
 
 
-def open_split(shards: str, split: str, cache_dir: str | Path) -> Any:
-    """A StreamingDataset over one split (train or val), used for random access."""
+def split_cache_dir(shards: str, split: str, cache_dir: str | Path, index_bytes: bytes, sha256: dict[str, str]) -> Path:
+    """Where a split's decompressed shards are cached: ``cache_dir/{local,remote}/<key>/<split>``, the key a hash of
+    the source (absolute path or URI) and of its content (index.json and the manifest's shard checksums), so that
+    data prepared anew under the same name never reads an old copy. Disk: the split's uncompressed size, once
+    per node and content, shared by every job that reads it."""
+    kind = "remote" if is_remote(shards) else "local"
+    source = shards.rstrip("/") if is_remote(shards) else os.path.abspath(shards)
+    h = hashlib.sha256(f"{source}\0{split}\0".encode())
+    h.update(hashlib.sha256(index_bytes).digest())
+    h.update(json.dumps(sorted(sha256.items())).encode())
+    return Path(cache_dir) / kind / h.hexdigest()[:16] / split
+
+
+def _read_index(shards: str, split: str, cache_dir: str | Path) -> bytes:
+    if not is_remote(shards):
+        path = Path(shards) / split / "index.json"
+        if not path.is_file():
+            raise FileNotFoundError(f"data.shards: {path} does not exist")
+        return path.read_bytes()
+    import_streaming()
+    from streaming.base.storage.download import CloudDownloader
+
+    from tplus_dist.data.cached_stream import temp_name
+
+    uri = f"{shards.rstrip('/')}/{split}/index.json"
+    tmp = temp_name(Path(cache_dir) / "remote" / _uri_key(shards) / f"{split}-index.json")
+    tmp.parent.mkdir(parents=True, exist_ok=True)
+    try:
+        CloudDownloader.direct_download(uri, str(tmp), 60)
+        return tmp.read_bytes()
+    except Exception as e:  # storage clients raise their own types
+        raise FileNotFoundError(f"data.shards: cannot read {uri}: {e}") from None
+    finally:
+        tmp.unlink(missing_ok=True)
+
+
+def open_split(shards: str, split: str, cache_dir: str | Path, manifest: dict[str, Any] | None = None) -> Any:
+    """A StreamingDataset over one split (train or val) of ``shards`` (a prepared directory or its URI), used for
+    random access. Shards are read from the source and decompressed into ``cache_dir`` (see
+    :func:`split_cache_dir`): the source is only read, so it may be read-only or shared.
+
+    With ``manifest``: the split's index.json must have the manifest's sha256 and agree with it (shard files,
+    sample count), and each shard's sha256 is checked as it is fetched. Raises ManifestError (ValueError) or
+    FileNotFoundError naming the file."""
     streaming = import_streaming()
-    remote, local = split_location(shards, split, cache_dir)
-    if remote is None and not (Path(local) / "index.json").is_file():
-        raise FileNotFoundError(f"data.shards: {local}/index.json does not exist")
-    clean_own_shared_memory([local])
-    return streaming.StreamingDataset(remote=remote, local=local, shuffle=False, batch_size=1, predownload=None)
+    from tplus_dist.data.cached_stream import CachedStream, remove_dead_temp_files, write_atomically
+    from tplus_dist.data.prepare import ManifestError
+    from tplus_dist.data.verify import check_index
+
+    source = f"{shards.rstrip('/')}/{split}" if is_remote(shards) else os.path.abspath(os.path.join(shards, split))
+    index_bytes = _read_index(shards, split, cache_dir)
+    sha256: dict[str, str] = {}
+    entry = (manifest or {}).get("splits", {}).get(split)
+    if entry is not None:
+        got, want = hashlib.sha256(index_bytes).hexdigest(), entry["index"]["sha256"]
+        if got != want:
+            raise ManifestError(f"{source}/index.json: damaged: its sha256 is {got}, the manifest lists {want}")
+        check_index(index_bytes, entry, f"{source}/index.json")
+        sha256 = {e["file"].rsplit("/", 1)[-1]: e["sha256"] for e in entry["shards"]}
+    local = split_cache_dir(shards, split, cache_dir, index_bytes, sha256)
+    local.mkdir(parents=True, exist_ok=True)
+    index = local / "index.json"
+    if not index.is_file() or index.read_bytes() != index_bytes:
+        write_atomically(index, index_bytes)
+    remove_dead_temp_files(local)
+    stream = CachedStream(source, str(local), sha256, remote=is_remote(shards))
+    return streaming.StreamingDataset(streams=[stream], shuffle=False, batch_size=1, predownload=None)
 
 
 class SampleReader(torch.utils.data.Dataset):
@@ -197,9 +232,11 @@ class ShardBatches:
 
     @property
     def num_samples(self) -> int:
+        """Samples in the split (one epoch of the stream)."""
         return self.order.n
 
     def batch_size_at(self, position: int) -> int:
+        """The global batch (sequences) of the step that starts at stream position ``position``."""
         return self.ramp.batch_size(position * self.seq_len)
 
     def _plan(self, start: int) -> Iterator[np.ndarray]:
@@ -227,6 +264,7 @@ class ShardBatches:
         return zip(plan, loader, strict=False)
 
     def next_step(self) -> StepBatch:
+        """This rank's micro-batches of the next optimizer step; advances the position by the global batch."""
         if self._stream is None:
             self._stream = self._open_stream()
         b = self.batch_size_at(self.position)
@@ -239,9 +277,11 @@ class ShardBatches:
         return StepBatch(micro, b, first, first + b - 1)
 
     def state_dict(self) -> dict[str, Any]:
+        """The stream position, with the sample count and seed that give it its meaning."""
         return {"position": self.position, "num_samples": self.order.n, "seed": self.order.seed}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
+        """Continue from a saved position. Raises ValueError when the data or its seed differ (another order)."""
         if state["num_samples"] != self.order.n or state["seed"] != self.order.seed:
             raise ValueError(
                 f"data state is for {state['num_samples']} samples with seed {state['seed']}, but the dataset has "

@@ -96,6 +96,7 @@ __all__ = [
     "prepare",
     "read_manifest",
     "tokenizer_from_manifest",
+    "verify_main",
     "verify_shards",
 ]
 
@@ -113,6 +114,7 @@ def is_val_document(ordinal: int, val_fraction: float) -> bool:
 
 
 def token_dtype(vocab_size: int) -> str:
+    """The narrowest unsigned dtype that holds every token id: uint16 up to 65536 ids, else uint32."""
     return "uint16" if vocab_size <= 1 << 16 else "uint32"
 
 
@@ -388,6 +390,11 @@ def _sha256(path: Path) -> str:
 
 def _file_entry(root: Path, path: Path) -> dict[str, Any]:
     return {"file": path.relative_to(root).as_posix(), "bytes": path.stat().st_size, "sha256": _sha256_and_fsync(path)}
+
+
+def _tokenizer_entry(path: Path) -> dict[str, Any]:
+    """The tokenizer file's size and sha256 (fsync'd), so that verification checks it like the shards."""
+    return {"bytes": path.stat().st_size, "sha256": _sha256_and_fsync(path)}
 
 
 def _pid_alive(pid: int) -> bool:
@@ -696,6 +703,7 @@ def prepare(
                 "vocab_size": tok.vocab_size,
                 "eos_id": tok.eos_id,
                 "file": tok_file,
+                **(_tokenizer_entry(tmp / tok_file) if tok_file else {}),
                 **({"pat_str": pat_str} if pat_str else {}),
             },
             "val_fraction": val_fraction,
@@ -714,8 +722,6 @@ def prepare(
                 "tokens_per_s": round(sum(x["tokens"] for x in summaries.values()) / max(t_pipe_end - t_pipe, 1e-9)),
             },
         }
-        if tok_file:
-            _sha256_and_fsync(tmp / tok_file)
         with open(tmp / MANIFEST, "w") as f:
             json.dump(manifest, f, indent=2)
             f.write("\n")
@@ -835,22 +841,16 @@ def read_manifest(directory: str | Path, *, check_sha256: bool = False) -> dict[
     return manifest
 
 
-def verify_shards(directory: str | Path) -> dict[str, Any]:
-    """Full check: :func:`read_manifest` with checksums, and each split's index.json agreeing with the
-    manifest (the same shard files, the same sample counts). Returns the manifest."""
-    root = Path(directory)
-    manifest = read_manifest(root, check_sha256=True)
-    for split in manifest["splits"].values():
-        index_path = root / split["index"]["file"]
-        index = json.loads(index_path.read_text())
-        files = [f"{split['dir']}/{(sh.get('zip_data') or sh['raw_data'])['basename']}" for sh in index["shards"]]
-        listed = [e["file"] for e in split["shards"]]
-        if files != listed:
-            raise ManifestError(f"{index_path}: lists shards {files}, the manifest {listed}")
-        samples = sum(int(sh["samples"]) for sh in index["shards"])
-        if samples != split["samples"]:
-            raise ManifestError(f"{index_path}: {samples} samples, the manifest lists {split['samples']}")
-    return manifest
+def verify_shards(directory: str | Path, threads: int | None = None) -> dict[str, Any]:
+    """Full check, everything hashed (no cache): :func:`read_manifest`, each split's index.json agreeing with the
+    manifest (the same shard files, the same sample counts), and the sha256 of every listed file (index, shards,
+    tokenizer), on ``threads`` threads (default: all cores). `tplus prepare --verify DIR` runs it; training runs
+    the same check in parallel over its ranks (tplus_dist.data.verify). Raises ManifestError naming the first
+    damaged file; returns the manifest."""
+    from tplus_dist.data.verify import verify_prepared
+
+    verify_prepared(directory, None, threads=threads or _default_workers())
+    return read_manifest(directory)
 
 
 def tokenizer_from_manifest(directory: str | Path) -> Tokenizer:
@@ -877,6 +877,7 @@ def _default_workers() -> int:
 
 
 def build_parser() -> argparse.ArgumentParser:
+    """The options of `tplus prepare` (preparing; ``--verify`` is dispatched to :func:`build_verify_parser`)."""
     p = argparse.ArgumentParser(
         prog="tplus prepare",
         description="Tokenize documents into packed, zstd-compressed MDS shards (train/ and val/) with a manifest.",
@@ -914,7 +915,51 @@ def build_parser() -> argparse.ArgumentParser:
         help="uncompressed bytes per shard, e.g. 67108864 or 64mb (default 64 MiB)",
     )
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
+    p.add_argument(
+        "--verify",
+        metavar="DIR",
+        help="instead of preparing: check the prepared dataset DIR against its manifest (every file's size and "
+        "sha256, each index.json's shards and sample count) and print files, bytes, seconds and GB/s; exit 0 when "
+        "intact, 2 naming the first damaged file (takes only --workers: hashing threads)",
+    )
     return p
+
+
+def build_verify_parser() -> argparse.ArgumentParser:
+    """The options of `tplus prepare --verify DIR [--workers N]`."""
+    p = argparse.ArgumentParser(
+        prog="tplus prepare --verify",
+        description="Check a prepared dataset against its manifest.json: every listed file's size and sha256 (no "
+        "cache: everything is read), and each split's index.json against the manifest. Exit 0: intact; 2: damaged.",
+    )
+    p.add_argument("--verify", required=True, metavar="DIR", help="a `tplus prepare` output")
+    p.add_argument("--workers", type=int, default=_default_workers(), help="hashing threads (default: all cores)")
+    return p
+
+
+def verify_main(argv: list[str]) -> int:
+    """`tplus prepare --verify DIR [--workers N]`: prints a one-line summary; exit 0 intact, 2 damaged (the message
+    names the file and what differs), 1 unreadable."""
+    from tplus_dist.data.verify import verify_prepared
+
+    args = build_verify_parser().parse_args(argv)
+    if args.workers < 1:
+        print("tplus prepare: error: --workers must be >= 1", file=sys.stderr)
+        return 2
+    try:
+        report = verify_prepared(args.verify, None, threads=args.workers)
+    except (ValueError, FileNotFoundError) as e:  # ManifestError is a ValueError
+        print(f"tplus prepare: error: {e}", file=sys.stderr)
+        return 2
+    except OSError as e:
+        print(f"tplus prepare: error: {e}", file=sys.stderr)
+        return 1
+    gb = report.bytes / 1e9
+    print(
+        f"verified {args.verify}: {report.files} files, {report.bytes:,} bytes ({gb:.3f} GB) in {report.seconds:.2f} s "
+        f"({gb / max(report.seconds, 1e-9):.2f} GB/s, {args.workers} thread(s)): intact"
+    )
+    return 0
 
 
 def _raise_interrupt(signum: int, frame: FrameType | None) -> None:
@@ -922,6 +967,11 @@ def _raise_interrupt(signum: int, frame: FrameType | None) -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
+    """`tplus prepare ...`: prepare (exit 0; 2 bad input; 1 an OS error on the output side; 130 interrupted), or
+    with ``--verify DIR`` check a prepared dataset (:func:`verify_main`)."""
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if any(a == "--verify" or a.startswith("--verify=") for a in argv):
+        return verify_main(argv)
     args = build_parser().parse_args(argv)
     if not logging.getLogger().handlers:
         logging.basicConfig(level=logging.INFO, format="tplus prepare: %(message)s", stream=sys.stderr)

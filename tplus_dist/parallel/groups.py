@@ -82,6 +82,9 @@ def init_process_groups(
     dims.validate()
     if not dist.is_initialized():
         env = launch_env()  # a clear error naming the variable, instead of a rendezvous hang
+        if env.local_rank == 0:
+            # One process a node, before the rendezvous: no rank of this job can be creating its buffer yet.
+            clean_stale_deepspeed_buffers()
         if backend == "nccl":
             torch.cuda.set_device(env.local_rank)
         dist.init_process_group(backend, rank=env.rank, world_size=env.world_size, timeout=timeout)
@@ -171,6 +174,17 @@ def remove_deepspeed_shm_buffer(env: dict[str, str] | None = None) -> list[str]:
             os.unlink(path)
             removed.append(path)
     return removed
+
+
+def clean_stale_deepspeed_buffers() -> list[str]:
+    """Unlink the DeepSpeed CPU all-reduce buffers of this user (``/dev/shm/deepspeed_allreduce_buffer_{uid}_*``)
+    that no live process holds: a killed job's (kill -9, OOM) stay behind, about 69 MB a rank, and nothing else
+    removes them. A live job's buffers are kept (its processes keep them open and mapped; see tplus_dist/shm.py).
+    The name is DeepSpeed's ``ops/csrc/cpu/comm/shm.cpp:shm_initialize`` (SHM_BUFFER_NAME, getuid(), MASTER_ADDR,
+    MASTER_PORT, rank). Returns the paths removed."""
+    from tplus_dist.shm import SHM_DIR, remove_unheld
+
+    return remove_unheld(sorted(glob.glob(f"{SHM_DIR}/deepspeed_allreduce_buffer_{os.getuid()}_*")))
 
 
 class DeepSpeedMPU:
