@@ -23,6 +23,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import secrets
 import time
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
@@ -130,10 +131,10 @@ def _load_cache(path: Path) -> dict[str, Any]:
 
 
 def _write_cache(path: Path, directory: Path, files: dict[str, Any]) -> None:
-    """Atomically: a reader sees the old file or the new one, never a part (the temp name is unique per process,
+    """Atomically: a reader sees the old file or the new one, never a part (the temp name is unique per writer,
     so several writers, e.g. one per node on a shared cache_dir, replace each other whole)."""
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f"{path.name}.tmp-{os.uname().nodename}-{os.getpid()}")
+    tmp = path.with_name(f"{path.name}.tmp-{os.uname().nodename}-{os.getpid()}-{secrets.token_hex(4)}")
     tmp.write_text(json.dumps({"version": CACHE_VERSION, "directory": str(directory), "files": files}))
     os.replace(tmp, path)
 
