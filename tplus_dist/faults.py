@@ -29,8 +29,10 @@ ENV = "TPLUS_FAULT"
 POINTS = {
     "data": "the step's batch was read (Trainer.train_step)",
     "forward": "the decoder's forward (every layout, every stage; the step's micro-batches and its validation)",
-    "grad": "gradients exist, before the optimizer step (the action nan poisons one gradient element)",
-    "optimizer": "right before the optimizer step",
+    "grad": "gradients exist, before the optimizer step (where the StepGuard decides, every layout); the actions nan "
+    "and inf poison element 0 of this rank's first parameter's gradient, scaleF multiplies each of its gradients by "
+    "F, both during the backward, before any reduction (optim/guard.gradient_fault)",
+    "optimizer": "right before the optimizer updates (the StepGuard's wrapped step; once per group under ZeRO)",
     "eval": "a validation loss is being computed",
     "save.before_files": "a save: the staging directory exists, no file is written yet",
     "save.mid_file": "a save: this rank's state file is half written",

@@ -201,6 +201,7 @@ class CheckpointManager:
             "scheduler": trainer.scheduler.state_dict(),
             "data": trainer.train_data.state_dict(),
             "rng": rng_state_plain(),
+            **({"guard": trainer.guard.state_dict()} if hasattr(trainer, "guard") else {}),  # skips, spike window
         }
 
     def _write(self, job: _Pending, tensors: list[tuple[str, torch.Tensor]], own: dict[str, Any], rank: int) -> None:
@@ -377,6 +378,8 @@ class CheckpointManager:
         trainer.scheduler.load_state_dict(own["scheduler"])
         trainer.train_data.load_state_dict(own["data"])
         trainer.state.step, trainer.state.tokens = int(own["step"]), int(own["tokens"])
+        if "guard" in own and hasattr(trainer, "guard"):  # (older checkpoints have none)
+            trainer.guard.load_state_dict(own["guard"])
         set_rng_state_plain(own["rng"])
 
     def clean_staging(self) -> None:

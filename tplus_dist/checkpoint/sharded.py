@@ -258,6 +258,19 @@ def collect_pieces(trainer: Any) -> Iterator[Piece]:
             yield piece
 
 
+def refuse_non_finite(pieces: list[Piece]) -> None:
+    """Raise CheckpointError naming the first parameter whose values are not all finite: no path may publish a
+    damaged state (a NaN step that got through would otherwise become ``latest`` and be resumed). One check per
+    piece, read back at once (a single device sync)."""
+    if not pieces:
+        return
+    finite = torch.stack([torch.isfinite(p.values[PARAM]).all() for p in pieces]).tolist()
+    bad = [p.name for p, ok in zip(pieces, finite, strict=True) if not ok]
+    if bad:
+        more = f" (and {len(bad) - 1} more)" if len(bad) > 1 else ""
+        raise CheckpointError(f"parameter {bad[0]}{more} holds nan or inf values: refusing to save a damaged state")
+
+
 def snapshot_state(
     trainer: Any, rank: int, buffers: dict[str, torch.Tensor] | None = None
 ) -> tuple[list[tuple[str, torch.Tensor]], list[dict[str, Any]]]:
@@ -269,7 +282,9 @@ def snapshot_state(
     file = state_file(rank)
     tensors: list[tuple[str, torch.Tensor]] = []
     metas = []
-    for piece in collect_pieces(trainer):
+    pieces = list(collect_pieces(trainer))
+    refuse_non_finite(pieces)
+    for piece in pieces:
         key = f"{piece.name}{_SEP}{piece.start}"
         for k, v in piece.values.items():
             tensors.append((f"{key}{_SEP}{k}", v))

@@ -29,7 +29,7 @@ import torch
 
 from tplus_dist.config import RunConfig
 
-COMPARED = ("loss", "grad_norm", "lr", "first_sample", "last_sample", "tokens", "val_loss")
+COMPARED = ("loss", "grad_norm", "lr", "first_sample", "last_sample", "tokens", "val_loss", "skipped_steps")
 LAYOUT_FIELDS = ("parallel.", "train.grad_accum", "train.micro_batch_size")
 """What --resume-with may change."""
 LOSS_TOL, NORM_REL_TOL, PARAM_TOL = 1e-5, 1e-5, 5e-5

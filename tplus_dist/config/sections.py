@@ -204,6 +204,18 @@ class TrainConfig:
     """Steps between console lines (metrics.jsonl gets every step)."""
     compile: bool = False
     """torch.compile the model (GPU)."""
+    max_consecutive_skips: int = 8
+    """Stop the run (exit 1, this step not saved) when this many optimizer steps in a row were skipped. A step is
+    skipped, on every rank, when its loss or gradient norm is not finite, or is a spike (skip_spikes): its batch is
+    consumed and the step, token and learning-rate clocks advance, but no weight or optimizer state changes. 8: the
+    spike rule, with its defaults, skips up to 4 steps of a lasting jump of the loss before its window accepts it."""
+    skip_spikes: bool = False
+    """Also skip a step whose loss or gradient norm is more than spike_sigmas standard deviations above the mean of
+    the last spike_window steps (OLMo-core's rule; acting once half the window is filled)."""
+    spike_window: int = 128
+    """Steps the spike rule's mean and standard deviation cover (OLMo-core's default)."""
+    spike_sigmas: float = 6.0
+    """Standard deviations above the window's mean that make a spike (OLMo-core's default)."""
 
     def validate(self, prefix: str = "train") -> None:
         p = prefix + "."
@@ -211,6 +223,9 @@ class TrainConfig:
             check(getattr(self, name) > 0, p + name, f"must be positive, got {getattr(self, name)}")
         check(self.eval_interval >= 0, p + "eval_interval", "must be >= 0 (0 disables)")
         check(self.seq_len is None or self.seq_len > 0, p + "seq_len", "must be positive")
+        check(self.max_consecutive_skips > 0, p + "max_consecutive_skips", "must be positive (1: stop at the first)")
+        check(self.spike_window >= 4, p + "spike_window", f"must be at least 4, got {self.spike_window}")
+        check(self.spike_sigmas > 0, p + "spike_sigmas", f"must be positive, got {self.spike_sigmas}")
         if self.batch_size_start is not None:
             end = self.micro_batch_size * self.grad_accum
             m = self.micro_batch_size

@@ -40,6 +40,7 @@ import torch.distributed as dist
 from torch import nn
 
 from tplus_dist.config.run import RunConfig
+from tplus_dist.optim.guard import StepGuard
 
 # No periodic prints from the engine: our trainer logs.
 _NEVER = 10**12
@@ -159,6 +160,21 @@ def set_optimizer_values(engine: Any, values: Sequence[Mapping[str, float]]) -> 
         group.update(vals)
 
 
+def deepspeed_grad_norm(engine: Any) -> float:
+    """The global pre-clip gradient norm of the step in progress, as DeepSpeed's ZeRO 1/2/3 and bf16 optimizers
+    compute it before they call the client optimizer's step (``_global_grad_norm``: set in
+    runtime/zero/stage_1_and_2.py ``DeepSpeedZeroOptimizer.step``, runtime/zero/stage3.py ``step`` and
+    runtime/bf16_optimizer.py ``BF16_Optimizer.step``, before their inner step; inf when they found it invalid and
+    skipped the step). Not for fp32 ZeRO 0, whose engine steps the client optimizer directly."""
+    value = getattr(engine.optimizer, "_global_grad_norm", None)
+    if value is None:
+        raise RuntimeError(
+            "DeepSpeed computed no gradient norm (zero_optimization.compute_grad_norm is false in "
+            "parallel.deepspeed_config?): the step guard needs it to skip bad steps"
+        )
+    return float(value)
+
+
 @dataclass
 class StepResult:
     loss: float
@@ -181,11 +197,17 @@ class EngineStep:
         self.dp = dist.get_world_size(self.dp_group)
 
     def run_step(
-        self, micro_batches: Sequence[MicroBatch], set_values: Callable[[Any], None] | None = None
+        self,
+        micro_batches: Sequence[MicroBatch],
+        set_values: Callable[[Any], None] | None = None,
+        guard: StepGuard | None = None,
+        counts_loss: bool = True,
     ) -> StepResult:
         """Forward/backward every micro-batch, then ``engine.step()``. ``set_values(optimizer)`` writes the step's
         lr / weight decay into ``engine.optimizer.param_groups`` first (e.g. ``lambda o: scheduler.update(...)``
-        with a Scheduler built on the same groups, or :func:`set_optimizer_values`)."""
+        with a Scheduler built on the same groups, or :func:`set_optimizer_values`). With a ``guard`` (wrapping the
+        client optimizer) the step is skipped when it is bad and the result is the guard's global mean loss and norm;
+        ``counts_loss``: this rank counts its replica's loss (tensor-parallel rank 0)."""
         eng = self.engine
         n = len(micro_batches)
         if n == 0:
@@ -205,11 +227,19 @@ class EngineStep:
         # Only fp32 ZeRO 0 loses the norm (DeepSpeed's clip_fp32_gradients path); the others keep it in step().
         fp32_zero0 = eng.zero_optimization_stage() == 0 and not (eng.bfloat16_enabled() or eng.fp16_enabled())
         norm = self._zero0_norm() if fp32_zero0 else None
+        mean = total / n
+        if guard is not None:
+            share, zero0_norm = (float(mean), int(counts_loss)), norm
+            guard.arm(
+                lambda: share, (lambda: zero0_norm) if zero0_norm is not None else lambda: deepspeed_grad_norm(eng)
+            )
+            eng.step()  # the client optimizer's step asks the guard
+            verdict = guard.conclude()
+            return StepResult(loss=verdict.loss, grad_norm=verdict.grad_norm)
         eng.step()
         if norm is None:
             got = eng.get_global_grad_norm()
             norm = float("nan") if got is None else float(got)
-        mean = total / n
         if self.dp > 1:
             mean = mean.to(loss.device)  # NCCL reduces device tensors only
             dist.all_reduce(mean, group=self.dp_group)
@@ -226,16 +256,15 @@ class EngineStep:
 
 
 class EngineStepRunner:
-    """The trainer's StepRunner over a DeepSpeed engine (see :class:`EngineStep`)."""
+    """The trainer's StepRunner over a DeepSpeed engine (see :class:`EngineStep`); ``guard`` is the trainer's
+    (wrapping the client optimizer), ``counts_loss`` whether this rank counts its replica's loss (tp rank 0)."""
 
-    def __init__(self, step: EngineStep) -> None:
+    def __init__(self, step: EngineStep, guard: StepGuard, counts_loss: bool = True) -> None:
         self.step = step
+        self.guard = guard
+        self.counts_loss = counts_loss
 
     def run(self, micro_batches: Sequence[Any], before_update: Callable[[], None]) -> tuple[dict[str, float], float]:
         batches = [(mb.tokens, mb.targets, mb.labels) for mb in micro_batches]
-        result = self.step.run_step(batches, lambda _opt: before_update())
-        if not math.isfinite(result.loss):  # the global mean is known only after the engine's step
-            from tplus_dist.train.trainer import NonFiniteLossError
-
-            raise NonFiniteLossError(f"loss is {result.loss} after a DeepSpeed step")
+        result = self.step.run_step(batches, lambda _opt: before_update(), self.guard, self.counts_loss)
         return {"loss": result.loss}, result.grad_norm

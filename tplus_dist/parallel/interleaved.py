@@ -12,7 +12,6 @@ norm counts it once), the gradients are reduced over data parallel after the sch
 
 from __future__ import annotations
 
-import math
 import re
 from collections.abc import Callable, Iterator, Sequence
 from typing import Any
@@ -24,8 +23,9 @@ from torch import nn
 from tplus_dist.backends.base import LayerProvider
 from tplus_dist.config.model import ModelConfig
 from tplus_dist.model.decoder import Decoder, ParamKind, parameter_kind
+from tplus_dist.optim.guard import StepGuard
 from tplus_dist.parallel.groups import ProcessGroups
-from tplus_dist.parallel.pipeline import DecoderLoss, clip_pipeline_fp32_grads, pad_micro_batch
+from tplus_dist.parallel.pipeline import DecoderLoss, PipelineGradNorm, engine_grad_norm, pad_micro_batch
 
 _CHUNK_PREFIX = re.compile(r"^chunks\.\d+\.")
 
@@ -99,18 +99,21 @@ def tied_embedding_groups(groups: ProcessGroups) -> dist.ProcessGroup | None:
 class InterleavedStepRunner:
     """The trainer's StepRunner for the interleaved schedule (see the module docstring)."""
 
-    def __init__(self, engine: Any, chunks: InterleavedChunks, groups: ProcessGroups, device: torch.device) -> None:
+    def __init__(
+        self, engine: Any, chunks: InterleavedChunks, groups: ProcessGroups, device: torch.device, guard: StepGuard
+    ) -> None:
         from torch.distributed.pipelining import PipelineStage
 
-        self.engine, self.chunks, self.groups, self.device = engine, chunks, groups, device
+        self.engine, self.chunks, self.groups, self.device, self.guard = engine, chunks, groups, device, guard
         self.loss = DecoderLoss(chunks.cfg, chunks.provider)
         self._stage_class = PipelineStage
         self.has_first = 0 in chunks.stage_ids
         self.has_last = chunks.num_stages - 1 in chunks.stage_ids
         self.tied_group = tied_embedding_groups(groups) if chunks.cfg.tie_embeddings else None
         self._schedules: dict[tuple[int, bool], Any] = {}
-        if engine.zero_optimization_stage() == 0 and not engine.bfloat16_enabled():
-            clip_pipeline_fp32_grads(engine, groups)
+        self.norm = engine_grad_norm(engine, groups)
+        # after the schedule every pipeline rank knows its replica's loss: one of them counts it
+        self.counts_loss = groups.pp_rank == 0 and groups.tp_rank == 0
 
     def _schedule(self, n: int, train: bool) -> Any:
         """A schedule with its own PipelineStage objects for each (micro-batch count, train or eval): a stage
@@ -161,17 +164,13 @@ class InterleavedStepRunner:
         eng.set_gradient_accumulation_boundary(True)
         eng.allreduce_gradients()  # over data parallel (ZeRO 1: into its partitions)
         before_update()
-        eng.step()
-        mean = torch.tensor(loss, dtype=torch.float64)
-        if self.groups.dims.dp > 1:
-            dist.all_reduce(mean, group=self.groups.dp)
-            mean /= self.groups.dims.dp
-        if not math.isfinite(float(mean)):
-            from tplus_dist.train.trainer import NonFiniteLossError
-
-            raise NonFiniteLossError(f"loss is {float(mean)} after an interleaved pipeline step")
-        norm = eng.get_global_grad_norm()
-        return {"loss": float(mean)}, float("nan") if norm is None else float(norm)
+        if isinstance(self.norm, PipelineGradNorm):
+            self.norm.reset()
+        share = (loss, int(self.counts_loss))
+        self.guard.arm(lambda: share, self.norm)
+        eng.step()  # the client optimizer's step asks the guard
+        verdict = self.guard.conclude()  # the loss averaged over the replicas
+        return {"loss": verdict.loss}, verdict.grad_norm
 
     @torch.no_grad()
     def evaluate(self, batches: Sequence[Any]) -> float:

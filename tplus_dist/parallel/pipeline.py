@@ -16,7 +16,6 @@ and head; their parameter names and initial values are the whole decoder's.
 
 from __future__ import annotations
 
-import math
 import re
 from collections.abc import Callable, Iterator, Sequence
 from typing import Any
@@ -30,6 +29,7 @@ from tplus_dist.backends.base import LayerProvider
 from tplus_dist.config.model import ModelConfig
 from tplus_dist.model.decoder import Decoder, ParamKind, parameter_kind
 from tplus_dist.model.init import module_weight
+from tplus_dist.optim.guard import StepGuard
 from tplus_dist.parallel.groups import ProcessGroups
 
 MicroBatch = tuple[torch.Tensor, torch.Tensor]
@@ -123,50 +123,99 @@ class DecoderPipeline(PipelineModule):
             yield name, p, parameter_kind(decoder_name(name), p)
 
 
-def clip_pipeline_fp32_grads(engine: Any, groups: ProcessGroups) -> None:
-    """Replace an fp32 ZeRO 0 pipeline engine's gradient clipping with a correct one that keeps the norm.
+class PipelineGradNorm:
+    """An fp32 ZeRO 0 pipeline engine's pre-clip gradient norm, measured once per step, and its clipping replaced by
+    a correct one that uses it (installed by :func:`clip_pipeline_fp32_grads`).
 
     DeepSpeed 0.19.8's clip_fp32_gradients counts a parameter that is not tensor-parallel only on model-parallel
     rank 0, and for a pipeline that group spans the stages: the norm (and so the clipping) leaves out every later
     stage's layers, and drops the value besides. Here each parameter counts once: tensor-parallel slices on every
     rank, the rest on tensor-parallel rank 0, a tied embedding's copy on its owning stage only; the squares are
-    summed over the stages and tensor-parallel ranks (the TP x PP group), then every gradient is clipped."""
-    from deepspeed.runtime.utils import is_model_parallel_parameter
+    summed over the stages and tensor-parallel ranks (the TP x PP group). The engine calls the clipping only when
+    gradient_clipping > 0; the step guard asks for the norm either way (a collective: every rank asks, inside the
+    optimizer step)."""
 
-    from tplus_dist.optim.clipping import clip_grad_norm
+    def __init__(self, engine: Any, groups: ProcessGroups) -> None:
+        self.engine, self.groups = engine, groups
+        self.value: float | None = None
+        engine.clip_fp32_gradients = self._clip_and_keep
 
-    def reduce_sq(t: torch.Tensor) -> torch.Tensor:
-        torch.distributed.all_reduce(t, group=groups.mp)
-        return t
+    def reset(self) -> None:
+        """A new step: the next call measures again."""
+        self.value = None
 
-    def clip_and_keep() -> None:
-        params = [p for p in engine.module.parameters() if p.grad is not None]
+    def __call__(self) -> float:
+        if self.value is None:
+            self.value = self._measure()
+        return self.value
+
+    def _measure(self) -> float:
+        from deepspeed.runtime.utils import is_model_parallel_parameter
+
+        from tplus_dist.optim.clipping import clip_grad_norm
+
+        groups = self.groups
+
+        def reduce_sq(t: torch.Tensor) -> torch.Tensor:
+            torch.distributed.all_reduce(t, group=groups.mp)
+            return t
+
         counted = [
             p
-            for p in params
-            if not getattr(p, "ds_pipe_replicated", False) and (groups.tp_rank == 0 or is_model_parallel_parameter(p))
+            for p in self.engine.module.parameters()
+            if p.grad is not None
+            and not getattr(p, "ds_pipe_replicated", False)
+            and (groups.tp_rank == 0 or is_model_parallel_parameter(p))
         ]
-        norm = clip_grad_norm(counted, 0.0, reduce_sq=reduce_sq)  # 0: measure only
+        return clip_grad_norm(counted, 0.0, reduce_sq=reduce_sq)  # 0: measure only
+
+    def _clip_and_keep(self) -> None:
+        engine = self.engine
+        norm = self()
         if engine.gradient_clipping() > 0:
+            params = [p for p in engine.module.parameters() if p.grad is not None]
             torch.nn.utils.clip_grads_with_norm_(params, engine.gradient_clipping(), torch.tensor(norm))
         engine._global_grad_norm = norm
 
-    engine.clip_fp32_gradients = clip_and_keep
+
+def clip_pipeline_fp32_grads(engine: Any, groups: ProcessGroups) -> PipelineGradNorm:
+    """Replace an fp32 ZeRO 0 pipeline engine's gradient clipping with a correct one that keeps the norm (see
+    :class:`PipelineGradNorm`); returns the norm's source."""
+    return PipelineGradNorm(engine, groups)
+
+
+def engine_grad_norm(engine: Any, groups: ProcessGroups) -> Callable[[], float]:
+    """The step guard's norm source for a pipeline's DeepSpeed engine: :class:`PipelineGradNorm` for fp32 ZeRO 0
+    (reset it each step), DeepSpeed's own for ZeRO 1 and bf16 (parallel.engine.deepspeed_grad_norm)."""
+    if engine.zero_optimization_stage() == 0 and not engine.bfloat16_enabled():
+        return clip_pipeline_fp32_grads(engine, groups)
+    from tplus_dist.parallel.engine import deepspeed_grad_norm
+
+    return lambda: deepspeed_grad_norm(engine)
 
 
 class PipelineStepRunner:
     """The trainer's StepRunner over DeepSpeed's pipeline engine: one train_batch per optimizer step, with as many
     micro-batches as the step has (a growing batch changes their number). Every rank of a replica reads the same
-    micro-batches; the first stage uses the tokens, the last the targets."""
+    micro-batches; the first stage uses the tokens, the last the targets. train_batch runs the whole step, so the
+    guard reads the loss inside it, when the engine's optimizer step asks: the last stage's sum of its micro-batch
+    losses (runtime/pipe/engine.py: ``total_loss``, which ``_aggregate_total_loss`` divides by the accumulation count
+    only after the step)."""
 
-    def __init__(self, engine: Any, groups: ProcessGroups, device: torch.device) -> None:
+    def __init__(self, engine: Any, groups: ProcessGroups, device: torch.device, guard: StepGuard) -> None:
         self.engine = engine
         self.device = device
-        if engine.zero_optimization_stage() == 0 and not engine.bfloat16_enabled():
-            clip_pipeline_fp32_grads(engine, groups)
+        self.guard = guard
+        self.norm = engine_grad_norm(engine, groups)
+        self.counts_loss = engine.is_last_stage() and groups.tp_rank == 0
 
     def _iter(self, micro_batches: Sequence[Any]) -> Iterator[MicroBatch]:
         return iter([(mb.tokens.to(self.device), mb.targets.to(self.device)) for mb in micro_batches])
+
+    def _loss_share(self) -> tuple[float, int]:
+        if not self.counts_loss:
+            return 0.0, 0
+        return float(self.engine.total_loss) / self.engine.gradient_accumulation_steps(), 1
 
     def run(self, micro_batches: Sequence[Any], before_update: Callable[[], None]) -> tuple[dict[str, float], float]:
         eng = self.engine
@@ -174,13 +223,12 @@ class PipelineStepRunner:
         if eng.gradient_accumulation_steps() != n:
             eng.set_train_batch_size(micro_batches[0].tokens.shape[0] * n * eng.dp_world_size)
         before_update()  # the step's lr and weight decay, in the groups the engine steps with
-        loss = float(eng.train_batch(self._iter(micro_batches)))  # the replica mean, averaged over data parallel
-        if not math.isfinite(loss):
-            from tplus_dist.train.trainer import NonFiniteLossError
-
-            raise NonFiniteLossError(f"loss is {loss} after a pipeline step")
-        norm = eng.get_global_grad_norm()
-        return {"loss": loss}, float("nan") if norm is None else float(norm)
+        if isinstance(self.norm, PipelineGradNorm):
+            self.norm.reset()
+        self.guard.arm(self._loss_share, self.norm)
+        eng.train_batch(self._iter(micro_batches))
+        verdict = self.guard.conclude()  # the global mean loss (the engine's own is the same mean, reduced later)
+        return {"loss": verdict.loss}, verdict.grad_norm
 
     def evaluate(self, batches: Sequence[Any]) -> float:
         """Mean loss over ``batches`` (one micro-batch each), through the pipeline; the same on every rank. A

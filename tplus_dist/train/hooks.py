@@ -56,6 +56,8 @@ def format_metrics(m: dict[str, Any]) -> str:
         parts.append(f"MFU {100 * m['mfu']:.1f}%")
     if "val_loss" in m:
         parts.append(f"val {m['val_loss']:.4f}")
+    if m.get("skipped"):
+        parts.append(f"SKIPPED, no update: {m.get('skip_reason')} ({m.get('skipped_steps')} skipped so far)")
     return " | ".join(parts)
 
 
@@ -78,7 +80,13 @@ class ConsoleHook(Hook):
         if self.bar is not None:
             self.bar.update(1)
             self.bar.set_postfix(loss=f"{metrics['loss']:.3f}", refresh=False)
-        if step % self.interval == 0 or step == trainer.total_steps or step == 1 or "val_loss" in metrics:
+        if (
+            step % self.interval == 0
+            or step == trainer.total_steps
+            or step == 1
+            or "val_loss" in metrics
+            or metrics.get("skipped")
+        ):
             line = format_metrics(metrics)
             if self.bar is not None:
                 self.bar.write(line)

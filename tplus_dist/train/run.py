@@ -488,13 +488,14 @@ def build_trainer(cfg: RunConfig, run_dir: Path | None = None, stop: Any = None)
 
             chunks = engine.module
             assert isinstance(chunks, InterleavedChunks)
-            trainer.runner = InterleavedStepRunner(engine, chunks, layout.groups, device)
+            trainer.runner = InterleavedStepRunner(engine, chunks, layout.groups, device, trainer.guard)
         elif layout.groups.dims.pp > 1:
             from tplus_dist.parallel.pipeline import PipelineStepRunner
 
-            trainer.runner = PipelineStepRunner(engine, layout.groups, device)
+            trainer.runner = PipelineStepRunner(engine, layout.groups, device, trainer.guard)
         else:
-            trainer.runner = EngineStepRunner(EngineStep(engine, loss_fn, layout.groups.dp))
+            step = EngineStep(engine, loss_fn, layout.groups.dp)
+            trainer.runner = EngineStepRunner(step, trainer.guard, counts_loss=layout.groups.tp_rank == 0)
     trainer.layout = layout
     trainer.checkpoints, trainer.run_lock = manager, start.lock
     if layout.world > 1:  # every group exists now (DeepSpeed's and the pipeline's too)

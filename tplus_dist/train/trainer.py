@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import contextlib
-import math
 import random
 import time
 from collections.abc import Callable, Iterable
@@ -19,6 +18,7 @@ from tplus_dist.config import RunConfig
 from tplus_dist.data.loader import MicroBatch, StepBatch
 from tplus_dist.model.loss import lm_loss
 from tplus_dist.optim import clip_grad_norm
+from tplus_dist.optim.guard import StepGuard, gradient_fault
 from tplus_dist.train.hooks import Hook
 from tplus_dist.train.metrics import mfu
 
@@ -46,7 +46,9 @@ class LRScheduler(Protocol):
 class StepRunner(Protocol):
     """How one optimizer step's micro-batches become an update: plain PyTorch in one process (LocalStepRunner),
     or a DeepSpeed engine across data-parallel ranks (parallel.engine.EngineStepRunner). ``before_update`` writes
-    the step's learning rate and weight decay; returns the step's mean loss terms and the pre-clip grad norm."""
+    the step's learning rate and weight decay. A runner arms the trainer's StepGuard (where this rank's loss and the
+    global norm come from), steps (the optimizer's step asks the guard), and concludes the guard; returns the step's
+    mean loss terms and the pre-clip grad norm, the loss and norm being the guard's (what it decided on)."""
 
     def run(
         self, micro_batches: list[MicroBatch], before_update: Callable[[], None]
@@ -68,12 +70,12 @@ class LocalStepRunner:
         for mb in micro_batches:
             for k, v in t.forward_backward_step(mb.tokens, mb.targets, 1.0 / n, mb.labels).items():
                 totals[k] = totals.get(k, 0.0) + v / n
-        if not math.isfinite(totals["loss"]):
-            raise NonFiniteLossError(f"loss is {totals['loss']} at step {t.state.step + 1}")
-        grad_norm = clip_grad_norm(t.model.parameters(), t.cfg.optim.grad_clip)
+        grad_norm = clip_grad_norm(t.model.parameters(), t.cfg.optim.grad_clip)  # (nan: gradients become nan)
+        t.guard.arm(lambda: (totals["loss"], 1), lambda: grad_norm)
         before_update()
-        t.optimizer.step()
-        return totals, grad_norm
+        t.optimizer.step()  # the guard's: no update when the step is bad
+        verdict = t.guard.conclude()
+        return {**totals, "loss": verdict.loss}, verdict.grad_norm
 
 
 @dataclass
@@ -82,10 +84,6 @@ class TrainState:
 
     step: int = 0
     tokens: int = 0
-
-
-class NonFiniteLossError(RuntimeError):
-    pass
 
 
 def rng_state() -> dict[str, Any]:
@@ -155,6 +153,9 @@ class Trainer:
             lambda logits, targets: lm_loss(logits, targets, z_loss=mcfg.z_loss, ignore_index=mcfg.ignore_index)
         )
         self.autocast_dtype = self._autocast_dtype()
+        self.guard = StepGuard.from_config(cfg.train, device)
+        """Skips bad steps (optim/guard.py); its wrapped optimizer step is every layout's only way to update."""
+        self.guard.wrap(optimizer)
 
     def _autocast_dtype(self) -> torch.dtype | None:
         choice = self.cfg.precision.dtype
@@ -193,19 +194,34 @@ class Trainer:
         faults.inject("data")
         n_tokens = batch.global_batch * self.seq_len
         step, tokens = self.state.step, self.state.tokens
-        # each runner refuses a non-finite loss (the local one before its optimizer step)
-        totals, grad_norm = self.runner.run(batch.micro_batches, lambda: self.scheduler.update(step, tokens + n_tokens))
+        self.guard.begin(step + 1)
+        remove_fault = gradient_fault(self.model, step + 1)  # TPLUS_FAULT=grad:nan etc. (tests)
+        try:
+            totals, grad_norm = self.runner.run(
+                batch.micro_batches, lambda: self.scheduler.update(step, tokens + n_tokens)
+            )
+        finally:
+            remove_fault()
+        verdict = self.guard.last
+        assert verdict is not None and verdict.step == step + 1, "the step runner did not conclude the StepGuard"
         lr = self.scheduler.get_lr()
         if self.device.type == "cuda":
             torch.cuda.synchronize(self.device)
         dt = time.perf_counter() - t0
+        # a skipped step still consumes its batch and advances the clocks: a retry would meet the same batch
         self.state.step += 1
         self.state.tokens += n_tokens
+        self.guard.check_limit()  # too many skips in a row: stop before any hook saves or logs this step
         tok_s = n_tokens / dt
         return {
             **totals,
             "lr": lr,
             "grad_norm": grad_norm,
+            "skipped": verdict.skipped,
+            "skipped_steps": self.guard.skipped_steps,
+            "skip_reason": verdict.reason,
+            "loss_sigmas": verdict.loss_sigmas,
+            "grad_norm_sigmas": verdict.grad_norm_sigmas,
             "tokens": self.state.tokens,
             "batch_size": batch.global_batch,
             "first_sample": batch.first_sample,
@@ -243,6 +259,7 @@ class Trainer:
             "rng": rng_state(),
             "step": self.state.step,
             "tokens": self.state.tokens,
+            "guard": self.guard.state_dict(),
         }
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
@@ -252,6 +269,8 @@ class Trainer:
         self.train_data.load_state_dict(state["data"])
         set_rng_state(state["rng"])
         self.state = TrainState(step=int(state["step"]), tokens=int(state["tokens"]))
+        if "guard" in state:
+            self.guard.load_state_dict(state["guard"])
 
     def close(self) -> None:
         """Release the run directory for another job (the end of a run; the process exiting does it too)."""
