@@ -93,10 +93,13 @@ def distributed(tmp_path: Path, world: int, *extra: str) -> Result:
     return result
 
 
-PARAM_TOLS = {"zipformer-biasnorm-swoosh": 1e-4}
+PARAM_TOLS = {"zipformer-biasnorm-swoosh": 1e-4, "parallel-block-window-alibi-bias": 1e-4}
 """Measured 5.9e-5 (one element of layers.0.attn.wv) with losses and gradient norms within 1e-5 at every step:
 probably SwooshL's nearly flat negative side (slope -0.08) leaving many gradients near zero, which Adam's per-element
-normalisation turns into larger last-bit noise (see PARAM_TOL); a wrong gradient gives 1e-3 and up."""
+normalisation turns into larger last-bit noise (see PARAM_TOL); a wrong gradient gives 1e-3 and up. The parallel
+block's case measured 5.19e-5 (layers.0.attn.wv) on an AMD EPYC CI machine, on the code of before issue 14 too
+(within 5e-5 on an earlier machine: the CPU's kernels round differently); test_tp_float64.py shows both cases equal
+one process to 1e-14 in float64, so the fp32 gap is rounding."""
 
 # Choices that change what crosses tensor-parallel ranks: kv-head layouts, QK-norm, biases, tied or untied
 # head, soft-capping, z-loss, parallel blocks, sliding windows, ALiBi slopes per head, padding rows.

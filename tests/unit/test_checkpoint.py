@@ -59,7 +59,10 @@ def interrupted(run_dir: Path, at: int, *extra: str, sig: int = signal.SIGTERM) 
     try:
         trainer, _ = build_trainer(cfg, stop=stop)
         trainer.hooks.insert(0, SignalAt(at, sig))
-        return trainer.fit()
+        try:
+            return trainer.fit()
+        finally:
+            trainer.close()  # the run directory's lock: another process resumes it next
     finally:
         stop.uninstall()
 
