@@ -78,12 +78,14 @@ rc=$?
 
 # tplus launch exits with its ranks' code (tplus_dist/exitcodes.py): 75 means "stopped with a checkpoint, resume
 # me" (the preemption above, a SIGTERM, a Ctrl-C); 0 finished; 1 failed; 2 bad input.
-if [[ $rc == 75 ]]; then
-    echo "tplus: requeueing job $SLURM_JOB_ID: the run stopped with a checkpoint (exit code 75) and resumes from it"
+# A preempted step that ended otherwise (a signal before the ranks could handle it, in their first seconds) is
+# requeued too, unless it finished (0) or its input is bad (2: it would fail again).
+if [[ $rc == 75 || ( $preempted == 1 && $rc != 0 && $rc != 2 ) ]]; then
+    echo "tplus: requeueing job $SLURM_JOB_ID: the training step exited with $rc (75: stopped with a checkpoint); the requeued job resumes the run"
     scontrol requeue "$SLURM_JOB_ID"
     exit 0
 fi
 if [[ $preempted == 1 ]]; then
-    echo "tplus: preempted, but the training step exited with $rc (0: it had finished), so the job is not requeued"
+    echo "tplus: preempted, but the training step exited with $rc (0 finished, 2 bad input), so the job is not requeued"
 fi
 exit "$rc"

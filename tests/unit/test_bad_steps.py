@@ -14,6 +14,7 @@ import numpy as np
 import pytest
 import torch
 
+from tests.distributed.test_tp_training import BASE as TP_BASE
 from tplus_dist.checkpoint import CheckpointError
 from tplus_dist.checkpoint.manager import CheckpointManager
 from tplus_dist.checkpoint.sharded import checkpoint_parameters
@@ -25,19 +26,8 @@ from tplus_dist.train.hooks import Hook
 from tplus_dist.train.metrics import read_metrics
 from tplus_dist.train.run import build_trainer, checkpoint_root, train
 
-CACHE = Path(__file__).resolve().parents[2] / ".cache" / "tplus-tests"
-BASE = [
-    "--model.seq_len=64",
-    "--model.n_layers=2",
-    "--train.steps=5",
-    "--train.micro_batch_size=4",
-    "--train.eval_interval=0",
-    "--log.progress=false",
-    "--log.tensorboard=false",
-    "--schedule.warmup_steps=2",
-    "--checkpoint.at_end=false",
-    f"--data.cache_dir={CACHE}",
-]
+BASE = [*TP_BASE, "--model.n_layers=2", "--checkpoint.at_end=false"]
+"""The tensor-parallel tests' five steps (tests/distributed/test_tp_training.py), two layers, no save at the end."""
 
 
 def _cfg(run_dir: Path, *extra: str) -> Any:

@@ -128,7 +128,7 @@ def test_retention_keeps_the_last_k_and_every_mth(tmp_path: Path):
     extra = ["--checkpoint.interval_steps=1", "--checkpoint.keep_last=2", "--checkpoint.keep_every=2"]
     train(load_config("configs/tiny.yaml", [*BASE, f"--log.run_dir={run_dir}", *extra]))
     kept = sorted(p.name for p in (run_dir / "checkpoints").iterdir())
-    assert kept == ["latest", "step_00000002", "step_00000004", "step_00000005", "step_00000006"]
+    assert kept == [".lock", "latest", "step_00000002", "step_00000004", "step_00000005", "step_00000006"]
 
 
 def test_a_failed_save_leaves_the_previous_checkpoint_latest_and_loadable(tmp_path: Path, monkeypatch, uninterrupted):

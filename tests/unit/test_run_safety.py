@@ -25,6 +25,7 @@ import torch
 from tests.unit.test_checkpoint import BASE, final_model, rows
 from tplus_dist.checkpoint.store import (
     Checkpoint,
+    CheckpointError,
     complete_checkpoints,
     find_checkpoint,
     publish,
@@ -198,6 +199,13 @@ def test_publishing_a_step_that_exists_keeps_a_verified_one_and_moves_a_damaged_
     aside = list(root.glob(f".damaged-{step_name(4)}-*"))
     assert len(aside) == 1 and (aside[0] / "state" / "f").read_bytes() == b"four"
     assert note is not None and "moved it to" in note
+    # another run's checkpoint of the same step (a shared checkpoint directory): never taken, never moved
+    theirs = json.loads((final / "manifest.json").read_text())
+    (final / "manifest.json").write_text(json.dumps({**theirs, "run": {"id": "theirs", "dir": "/runs/a"}}))
+    staging, manifest = _staging(root, 4, b"four, mine")
+    with pytest.raises(CheckpointError, match="belongs to another run"):
+        publish(staging, {**manifest, "run": {"id": "mine", "dir": "/runs/b"}})
+    assert (final / "state" / "f").read_bytes() == b"four, saved again"
     # what is a checkpoint: a published directory with a readable manifest, newest first; latest is not needed
     (root / "latest").unlink()
     (root / step_name(6)).mkdir()  # no manifest: a save that never finished
@@ -237,6 +245,41 @@ def test_a_sigterm_stop_exits_75_and_says_where_it_stopped(tmp_path: Path, monke
     assert "done" not in out and "finished" not in out
 
 
+def test_the_same_command_continues_its_run_after_a_crash_before_any_checkpoint(
+    uninterrupted, tmp_path: Path, monkeypatch, capsys
+) -> None:
+    _, whole = uninterrupted
+    args = ["train", "configs/tiny.yaml", *BASE, f"--log.run_dir={tmp_path / 'run'}"]
+    monkeypatch.setenv("TPLUS_FAULT", "data:raise:step=3")  # dies in step 3: no checkpoint yet
+    assert main(args) == 1
+    monkeypatch.setenv("TPLUS_FAULT", "data:sigterm:step=4")  # the same command: the same directory, from step 0
+    assert main(args) == 75
+    monkeypatch.delenv("TPLUS_FAULT")
+    assert main(args) == 0  # and again: resumed from its step 4, in the same directory
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["run"]  # never run-1, run-2
+    assert [[m["loss"], m["grad_norm"]] for m in read_metrics(tmp_path / "run")] == [[r[1], r[2]] for r in whole]
+    assert "resumed from" in capsys.readouterr().out
+
+
+def test_a_run_started_from_resume_path_continues_from_its_own_checkpoints(
+    uninterrupted, tmp_path: Path, monkeypatch, capsys
+) -> None:
+    _, whole = uninterrupted
+    monkeypatch.setenv("TPLUS_FAULT", "data:sigterm:step=2")
+    assert main(["train", "configs/tiny.yaml", *BASE, f"--log.run_dir={tmp_path / 'src'}"]) == 75
+    args = ["train", "configs/tiny.yaml", *BASE, f"--log.run_dir={tmp_path / 'run'}"]
+    args.append(f"--resume={tmp_path / 'src' / 'checkpoints' / step_name(2)}")
+    monkeypatch.setenv("TPLUS_FAULT", "data:sigterm:step=4")
+    assert main(args) == 75  # steps 3 and 4 from src's step 2, then stopped
+    monkeypatch.delenv("TPLUS_FAULT")
+    capsys.readouterr()
+    assert main(args) == 0  # the same command (a requeue): from its own step 4, not from src's step 2 again
+    out = capsys.readouterr().out
+    assert f"{tmp_path / 'run'} already continues" in out and f"resumed from {tmp_path / 'run'}" in out
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["run", "src"]
+    assert [[m["loss"], m["grad_norm"]] for m in read_metrics(tmp_path / "run")] == [[r[1], r[2]] for r in whole[2:]]
+
+
 # ------------------------------------------------------------------------ checks before anything is created
 
 
@@ -263,6 +306,8 @@ def test_unwritable_run_or_checkpoint_directories_stop_before_any_work(tmp_path:
     run_dir = tmp_path / "run"
     assert main([*args, f"--log.run_dir={run_dir}", f"--checkpoint.dir={read_only / 'ckpts'}"]) == 2
     assert f"checkpoint.dir: {read_only / 'ckpts'} cannot be written" in capsys.readouterr().err
+    assert main([*args, f"--log.run_dir={run_dir}", f"--data.cache_dir={read_only / 'cache'}"]) == 2
+    assert f"data.cache_dir: {read_only / 'cache'} cannot be written" in capsys.readouterr().err
     assert not run_dir.exists()  # nothing was created, and no step ran
 
 
@@ -278,6 +323,15 @@ def test_a_refused_resume_creates_no_run_directory(tmp_path: Path, capsys) -> No
         assert sorted(p.name for p in tmp_path.iterdir()) == before  # no first-1
     assert main(["train", "configs/tiny.yaml", *BASE, f"--log.run_dir={first}", "--model.n_layers=3"]) == 2
     assert "model.n_layers: checkpoint 2, config 3" in capsys.readouterr().err  # auto resume: refused the same way
+    assert sorted(p.name for p in tmp_path.iterdir()) == before
+    # a damaged checkpoint named with --resume: refused before the new run's directory exists
+    damaged = tmp_path / "first" / "checkpoints" / step_name(2) / "state" / "rank00000.safetensors"
+    data = bytearray(damaged.read_bytes())
+    data[-3] ^= 0x10
+    damaged.write_bytes(bytes(data))
+    args = ["train", "configs/tiny.yaml", *BASE, f"--log.run_dir={tmp_path / 'second'}"]
+    assert main([*args, f"--resume={damaged.parents[2]}"]) == 2
+    assert f"{damaged} fails its checksum" in capsys.readouterr().err
     assert sorted(p.name for p in tmp_path.iterdir()) == before
 
 
@@ -298,7 +352,7 @@ def test_a_second_job_on_a_running_run_stops_at_once_naming_the_holder(tmp_path:
         err = capsys.readouterr().err
         assert f"{run_dir} is in use by another job (pid {first.pid} on" in err
         assert (run_dir / "metrics.jsonl").read_text() == metrics  # the first job's files are untouched
-        assert sorted(p.name for p in (run_dir / "checkpoints").iterdir()) == ["latest", step_name(2)]
+        assert sorted(p.name for p in (run_dir / "checkpoints").iterdir()) == [".lock", "latest", step_name(2)]
     finally:
         first.kill()
         first.communicate()
@@ -332,6 +386,24 @@ def test_two_starts_of_one_run_at_once_let_one_run_and_stop_the_other(tmp_path: 
         a.communicate()
 
 
+def test_a_checkpoint_directory_another_job_is_using_is_refused_before_its_first_save(tmp_path: Path, capsys) -> None:
+    shared = tmp_path / "shared-ckpts"
+    first = tplus_train(tmp_path / "a", f"--checkpoint.dir={shared}", fault="data:hang:step=1")  # no save yet
+    try:
+        deadline = time.monotonic() + 120
+        while not (shared / ".lock").exists():  # a locks the directory when it starts
+            assert first.poll() is None and time.monotonic() < deadline, first.communicate()[0][-3000:]
+            time.sleep(0.2)
+        time.sleep(0.5)
+        args = ["train", "configs/tiny.yaml", *BASE, f"--checkpoint.dir={shared}", f"--log.run_dir={tmp_path / 'b'}"]
+        assert main(args) == 2
+        assert f"{shared} is in use by another job (pid {first.pid} on" in capsys.readouterr().err
+        assert not (tmp_path / "b").exists()
+    finally:
+        first.kill()
+        first.communicate()
+
+
 def test_a_checkpoint_directory_of_another_run_is_refused_and_its_checkpoint_resumes_only_by_name(
     tmp_path: Path, capsys
 ) -> None:
@@ -345,7 +417,7 @@ def test_a_checkpoint_directory_of_another_run_is_refused_and_its_checkpoint_res
     err = capsys.readouterr().err
     assert f"checkpoint.dir: {shared} holds checkpoints of another run ({tmp_path / 'a'}" in err
     assert not (tmp_path / "b").exists()
-    assert sorted(p.name for p in shared.iterdir()) == ["latest", step_name(2)]
+    assert sorted(p.name for p in shared.iterdir()) == [".lock", "latest", step_name(2)]
     # named explicitly, into a run with its own checkpoint directory: resumed
     b = ["train", "configs/tiny.yaml", *BASE, "--train.steps=4", f"--log.run_dir={tmp_path / 'b'}"]
     assert main([*b, f"--resume={shared / step_name(2)}"]) == 0

@@ -286,24 +286,29 @@ class CheckpointManager:
         where = Path(comm.broadcast(found))
         return Checkpoint(where, read_manifest(where))
 
+    def verify(self, ckpt: Checkpoint) -> None:
+        """Check every file of ``ckpt`` against its manifest (each rank a share; checkpoint.verify false: nothing),
+        raising CheckpointError naming the first damaged file on every rank; load then does not read them again."""
+        error = None
+        if self.ck.verify:
+            try:
+                verify_files(ckpt, sorted(ckpt.manifest["files"])[comm.rank() :: comm.world()])
+            except CheckpointError as e:
+                error = str(e)
+        comm.agree(error, CheckpointError)
+        self.verified = ckpt.path
+
     def select(self, candidates: list[Checkpoint]) -> Checkpoint | None:
         """The newest of ``candidates`` (newest first, the same list on every rank) whose files all verify against
         its manifest (each rank checks a share of the files; with checkpoint.verify false, the first). Rank 0
         prints one line for each one skipped, saying what is wrong with it. Returns None when none verifies."""
-        rank, world = comm.rank(), comm.world()
         for ckpt in candidates:
-            error = None
-            if self.ck.verify:
-                try:
-                    verify_files(ckpt, sorted(ckpt.manifest["files"])[rank::world])
-                except CheckpointError as e:
-                    error = str(e)
-            errors = [e for e in comm.all_gather(error) if e]
-            if not errors:
-                self.verified = ckpt.path
+            try:
+                self.verify(ckpt)
                 return ckpt
-            if rank == 0:
-                print(f"tplus: warning: not resuming from {ckpt.path}: {errors[0]}", flush=True)
+            except CheckpointError as e:
+                if comm.rank() == 0:
+                    print(f"tplus: warning: not resuming from {ckpt.path}: {e}", flush=True)
         return None
 
     def owned(self, candidates: list[Checkpoint], legacy_ours: bool) -> list[Checkpoint]:

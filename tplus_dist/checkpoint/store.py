@@ -106,6 +106,12 @@ def publish(staging: Path, manifest: dict[str, Any]) -> tuple[Path, str | None]:
     inject("save.after_manifest", step)
     note = None
     if final.exists():
+        owner, ours = _owner(final), (manifest.get("run") or {}).get("id")
+        if owner is not None and ours is not None and owner != ours:
+            raise CheckpointError(
+                f"{final} belongs to another run (run id {owner}): checkpoint.dir is shared with another run; "
+                "give each run its own checkpoint directory"
+            )
         problem = checkpoint_problem(final)
         if problem is None:
             shutil.rmtree(staging)
@@ -190,6 +196,15 @@ def find_checkpoint(path: Path) -> Checkpoint:
     if not found:
         raise CheckpointError(f"{path} holds no checkpoint: neither {MANIFEST} nor a complete step_* directory")
     return found[0]
+
+
+def _owner(path: Path) -> str | None:
+    """The run id a checkpoint's manifest records, or None (unreadable, or written before run ids)."""
+    try:
+        run = json.loads((path / MANIFEST).read_text()).get("run")
+    except (OSError, ValueError, AttributeError):
+        return None
+    return run.get("id") if isinstance(run, dict) else None
 
 
 def checkpoint_problem(path: Path) -> str | None:

@@ -27,8 +27,9 @@ from tplus_dist.train.rundir import (
     RunLock,
     check_writable,
     new_identity,
-    planned_run_dir,
     read_identity,
+    release_all,
+    started_by,
     write_identity,
 )
 from tplus_dist.train.trainer import Trainer
@@ -157,6 +158,7 @@ def verify_data(shards: str, manifest: dict[str, Any], cache_dir: str) -> None:
 def build_data(cfg: RunConfig, dp_size: int = 1, dp_rank: int = 0) -> Data:
     """Open the shards and check they fit the model and the run, and that they are intact (:func:`verify_data`),
     before any work is saved."""
+    check_writable(Path(cfg.data.cache_dir), "data.cache_dir")  # prepared corpora, decompressed shards, digests
     shards = ensure_prepared(cfg)
     manifest = fetch_manifest(shards, cfg.data.cache_dir)
     if manifest["seq_len"] != cfg.seq_len:
@@ -299,51 +301,74 @@ class RunStart:
     """checkpoint.CheckpointManager for run_dir's checkpoints."""
     ckpt: Any
     """checkpoint.Checkpoint to resume from, or None."""
-    lock: RunLock | None
-    """Held by rank 0 for the run (None on the other ranks)."""
+    locks: list[RunLock]
+    """The run directory's and the checkpoint directory's, held by rank 0 for the run ([] on the other ranks)."""
+    restarted: bool = False
+    """The run directory existed and the run starts again from its beginning (it died before its first checkpoint)."""
+
+
+def _choose_run_dir(cfg: RunConfig, locks: list[RunLock]) -> Path:
+    """Where this command runs (rank 0; creates nothing). The first of runs/NAME, NAME-1, NAME-2, ... that is this
+    command's run (run.json's config is this one: the run continues there, from its own newest checkpoint or, when
+    it died before its first, from the start), or, for NAME itself with checkpoint.resume auto, any run with
+    checkpoints (resumed as before; a changed model or optimizer is refused later), or that is empty or missing.
+    Another run's directory is passed over; a run that another job is running raises RunInUseError (the lock
+    taken here is appended to ``locks``)."""
+    from tplus_dist.checkpoint.store import complete_checkpoints
+
+    base = Path(cfg.log.run_dir.format(name=cfg.log.name))
+    config = cfg.to_dict()
+    path, i = base, 0
+    while True:
+        if not path.exists() or (path.is_dir() and not any(path.iterdir())):
+            return path
+        if path.is_dir():
+            auto = i == 0 and cfg.checkpoint.resume == "auto" and complete_checkpoints(checkpoint_root(cfg, path))
+            if auto or started_by(path, config):
+                locks.append(RunLock(path))  # a job running there: stop here, naming it
+                return path
+        i += 1
+        path = base.with_name(f"{base.name}-{i}")
 
 
 def open_run(cfg: RunConfig, run_dir: Path | None, data: Data) -> RunStart:
     """Decide the run directory and the checkpoint to resume, check everything, then create the directory (every
     rank calls it; rank 0 decides and writes). In order, each failure one line naming the field or path, before
-    anything is created: the run and checkpoint directories can be written; another job holds the run (its lock);
-    checkpoint.dir holds another run's checkpoints; the checkpoint to resume (auto: the newest of this run's that
-    verifies, `latest` repaired when it lagged behind; or checkpoint.resume's path) holds this model and optimizer.
-    Only then is the directory created and locked, with run.json, config and data manifest written."""
+    anything is created: the run and checkpoint directories can be written; another job holds the run or its
+    checkpoint directory (their locks); checkpoint.dir holds another run's checkpoints; the checkpoint to resume
+    verifies and holds this model and optimizer: the run's own newest that verifies (`latest` repaired when it
+    lagged behind; the same command finds its run again, see :func:`_choose_run_dir`), else checkpoint.resume's
+    path. Only then is the directory created and locked, with run.json, config and data manifest written."""
     from tplus_dist.checkpoint import CheckpointError, CheckpointManager
-    from tplus_dist.checkpoint.store import complete_checkpoints, repair_latest
+    from tplus_dist.checkpoint.store import Checkpoint, complete_checkpoints, read_manifest, repair_latest
     from tplus_dist.parallel import comm
 
     resume = cfg.checkpoint.resume
     explicit = None if resume in ("auto", "none") else Path(resume)
     plan: Any = None
-    lock: RunLock | None = None
+    locks: list[RunLock] = []
     error: BaseException | None = None
     if comm.rank() == 0:
         try:
-            base = Path(cfg.log.run_dir.format(name=cfg.log.name))
-            if run_dir is None:  # auto continues the configured directory when its checkpoints are there
-                run_dir = base
-                if base.is_dir() and any(base.iterdir()):
-                    lock = RunLock(base)  # a job running there (even before its first checkpoint): stop here
-                    if resume != "auto" or not complete_checkpoints(checkpoint_root(cfg, base)):
-                        lock.release()
-                        lock, run_dir = None, planned_run_dir(base)  # another run's files: NAME-1, -2, ...
+            if run_dir is None:
+                run_dir = _choose_run_dir(cfg, locks)
             existed = run_dir.is_dir() and any(run_dir.iterdir())
             root = checkpoint_root(cfg, run_dir)
             check_writable(run_dir, "log.run_dir")
             check_writable(root, "checkpoint.dir")
             if explicit is not None and not explicit.exists():
                 raise CheckpointError(f"checkpoint.resume: {explicit} does not exist")
-            if existed and lock is None:
-                lock = RunLock(run_dir)  # before reading its checkpoints: no other job may be writing them
+            if existed and not locks:
+                locks.append(RunLock(run_dir))  # before reading its checkpoints: no other job may be writing them
+            if root.is_dir():
+                locks.append(RunLock(root))  # a checkpoint directory another job is writing: stop here
             identity = (read_identity(run_dir) if existed else None) or new_identity(run_dir)
             owned = CheckpointManager(cfg, root, identity).owned(complete_checkpoints(root), legacy_ours=existed)
-            candidates = [] if resume != "auto" else [str(c.path) for c in owned]
+            # the run's own checkpoints continue it (also when it started from --resume PATH: they are newer)
+            candidates = [] if resume == "none" else [str(c.path) for c in owned]
             plan = (str(run_dir), identity, existed, candidates)
         except Exception as e:
-            if lock is not None:
-                lock.release()
+            release_all(locks)
             error = e
     comm.agree(error, ValueError)
     run_dir_s, identity, existed, candidates = comm.broadcast(plan)
@@ -358,25 +383,30 @@ def open_run(cfg: RunConfig, run_dir: Path | None, data: Data) -> RunStart:
     manager = CheckpointManager(cfg, checkpoint_root(cfg, run_dir), identity)
     try:
         ckpt = None
-        if explicit is not None:
-            ckpt = manager.find(explicit)
-        elif candidates:
-            from tplus_dist.checkpoint.store import Checkpoint, read_manifest
-
+        if candidates:
             ckpt = manager.select([Checkpoint(Path(c), read_manifest(Path(c))) for c in candidates])
             if ckpt is None:
                 raise CheckpointError(
                     f"none of the checkpoints in {manager.root} verifies (each is named above); resume one of them "
-                    "explicitly with --resume PATH, or start afresh with --checkpoint.resume=none"
+                    "explicitly with --resume PATH into another run, or start afresh with --checkpoint.resume=none"
                 )
+            if explicit is not None and comm.rank() == 0:
+                print(f"tplus: {run_dir} already continues {explicit}: resuming its own newest checkpoint", flush=True)
+        elif explicit is not None:
+            ckpt = manager.find(explicit)
+            manager.verify(ckpt)  # a damaged file stops here, before anything is created
         if ckpt is not None:
             manager.check_compatible(ckpt)  # another model or optimizer stops here, before anything is written
         if comm.rank() == 0:
-            run_dir.mkdir(parents=True, exist_ok=True)
-            if lock is None:
-                lock = RunLock(run_dir)
-            write_identity(run_dir, identity, cfg.log.name)
-            if ckpt is not None and explicit is None:
+            held = {lock.key for lock in locks}
+            # a checkpoint directory outside the run's is locked before the run directory is created: a second run
+            # sharing it stops without leaving a directory behind
+            for path in sorted((run_dir, manager.root), key=lambda d: d.resolve().is_relative_to(run_dir.resolve())):
+                path.mkdir(parents=True, exist_ok=True)
+                if os.path.realpath(path) not in held:
+                    locks.append(RunLock(path))
+            write_identity(run_dir, identity, cfg.to_dict())
+            if candidates and ckpt is not None:
                 note = repair_latest(manager.root, ckpt)
                 if note:
                     print(f"tplus: {note}", flush=True)
@@ -386,16 +416,15 @@ def open_run(cfg: RunConfig, run_dir: Path | None, data: Data) -> RunStart:
             manifest_file = run_dir / "data_manifest.json"
             if not manifest_file.exists():
                 manifest_file.write_text(json.dumps({"shards": data.shards, **data.manifest}, indent=1))
-            if ckpt is not None:
-                truncate_metrics(run_dir / "metrics.jsonl", ckpt.step)
+            if existed:  # what was logged after the step the run continues from is recomputed
+                truncate_metrics(run_dir / "metrics.jsonl", ckpt.step if ckpt is not None else 0)
             manager.clean_staging()
         comm.agree(None)  # rank 0's writes above succeeded (the other ranks learn of a failure here)
     except Exception as e:
-        if lock is not None:
-            lock.release()
+        release_all(locks)
         comm.agree(e, ValueError)  # raises on every rank; a failure on one alone (rank 0's writes) reaches all
         raise
-    return RunStart(run_dir, manager, ckpt, lock)
+    return RunStart(run_dir, manager, ckpt, locks, restarted=existed and ckpt is None)
 
 
 def truncate_metrics(path: Path, step: int) -> None:
@@ -422,6 +451,7 @@ def build_trainer(cfg: RunConfig, run_dir: Path | None = None, stop: Any = None)
     if device.type == "cuda" and layout.world > 1:
         device = torch.device("cuda", torch.cuda.current_device())
     seed_everything(cfg.train.seed)
+    check_writable(Path(cfg.data.cache_dir), "data.cache_dir")  # (rank 0 may prepare into it next)
     if layout.world > 1:
         import torch.distributed as dist
 
@@ -454,7 +484,8 @@ def build_trainer(cfg: RunConfig, run_dir: Path | None = None, stop: Any = None)
     hooks: list[Hook] = [EvalHook(cfg.train.eval_interval)]  # every rank: ZeRO-3 forwards need all of them
     writer = None
     if layout.rank == 0:  # the step's row is written before a save starts: a kill mid-save cannot lose it
-        writer = MetricsWriter(run_dir, tensorboard=cfg.log.tensorboard, purge_after=ckpt.step if ckpt else None)
+        purge = ckpt.step if ckpt else (0 if start.restarted else None)  # what is recomputed
+        writer = MetricsWriter(run_dir, tensorboard=cfg.log.tensorboard, purge_after=purge)
         hooks.append(MetricsFileHook(writer))
     from tplus_dist.checkpoint.hook import CheckpointHook
 
@@ -497,7 +528,7 @@ def build_trainer(cfg: RunConfig, run_dir: Path | None = None, stop: Any = None)
             step = EngineStep(engine, loss_fn, layout.groups.dp)
             trainer.runner = EngineStepRunner(step, trainer.guard, counts_loss=layout.groups.tp_rank == 0)
     trainer.layout = layout
-    trainer.checkpoints, trainer.run_lock = manager, start.lock
+    trainer.checkpoints, trainer.run_locks = manager, start.locks
     if layout.world > 1:  # every group exists now (DeepSpeed's and the pipeline's too)
         from tplus_dist.parallel.groups import set_collective_timeout
 

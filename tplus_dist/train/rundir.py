@@ -1,13 +1,15 @@
 """The run directory: where a run writes, who owns it, and the checks made before anything of it is created.
 
-- Planning creates nothing: :func:`planned_run_dir` picks ``runs/NAME`` (or ``NAME-1``, ``-2``, ... when NAME holds
-  another run's files), and every check (writable paths, the checkpoint to resume, the model and optimizer in it)
-  runs before :func:`create_run_dir`.
-- One job at a time: :class:`RunLock` holds an exclusive ``flock`` on ``RUN_DIR/.lock`` for the whole run (the
-  kernel releases it when the process dies, so a kill -9 leaves no stale lock); a second job on the same run
-  stops at once, naming the run and the process that holds it.
-- Identity: ``RUN_DIR/run.json`` records a run id, written when the directory is created; every checkpoint's
-  manifest records it, and a run resumes only checkpoints with its own id (or one named with ``--resume``).
+- Planning creates nothing: train/run.py picks ``runs/NAME`` (this command's run, or ``NAME-1``, ``-2``, ... when
+  NAME holds another run's files), and every check (writable paths, the checkpoint to resume, the model and
+  optimizer in it) runs before the directory is created.
+- One job at a time: :class:`RunLock` holds an exclusive ``flock`` on ``RUN_DIR/.lock`` (and on the checkpoint
+  directory's ``.lock``) for the whole run (the kernel releases it when the process dies, so a kill -9 leaves no
+  stale lock); a second job on the same run, or on the same checkpoint directory, stops at once, naming the
+  directory and the process that holds it.
+- Identity: ``RUN_DIR/run.json`` records a run id and the config that started the run, written when the directory
+  is created; every checkpoint's manifest records the id, and a run resumes only checkpoints with its own id (or
+  one named with ``--resume``). The same command finds its directory again by that config (:func:`started_by`).
 """
 
 from __future__ import annotations
@@ -33,15 +35,6 @@ RUN_FILE = "run.json"
 
 class RunInUseError(ValueError):
     """Another process holds the run directory's lock (a second job on the same run)."""
-
-
-def planned_run_dir(base: Path) -> Path:
-    """``base``, or ``base-1``, ``base-2``, ... : the first that does not exist or is empty. Creates nothing."""
-    path, i = base, 0
-    while path.exists() and (not path.is_dir() or any(path.iterdir())):
-        i += 1
-        path = base.with_name(f"{base.name}-{i}")
-    return path
 
 
 def check_writable(path: Path, field: str) -> None:
@@ -118,8 +111,32 @@ class RunLock:
             os.close(fd)  # releases the flock
 
 
+def release_all(locks: list[RunLock]) -> None:
+    for lock in locks:
+        lock.release()
+
+
 def _now() -> str:
     return datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds")
+
+
+def _comparable(config: dict[str, Any]) -> Any:
+    """A config as JSON data without train.steps (raising it continues a run; see :func:`started_by`)."""
+    data = json.loads(json.dumps(config))
+    data.get("train", {}).pop("steps", None)
+    return data
+
+
+def started_by(run_dir: Path, config: dict[str, Any]) -> bool:
+    """Whether ``run_dir`` was started by the same command: its run.json records this resolved config (train.steps
+    aside; checkpoint.resume included, so a run started from ``--resume PATH`` is the same run only with that
+    PATH). Such a directory is where the command continues, from its own newest checkpoint, or from the start (or
+    PATH) when it died before its first one, whatever its name (runs/NAME-1 ...)."""
+    try:
+        data = json.loads((run_dir / RUN_FILE).read_text())
+    except (OSError, ValueError):
+        return False
+    return isinstance(data, dict) and "config" in data and _comparable(data["config"]) == _comparable(config)
 
 
 def read_identity(run_dir: Path) -> dict[str, str] | None:
@@ -136,12 +153,12 @@ def new_identity(run_dir: Path) -> dict[str, str]:
     return {"id": uuid.uuid4().hex, "dir": str(run_dir)}
 
 
-def write_identity(run_dir: Path, identity: dict[str, str], name: str) -> None:
-    """Record the run id in ``RUN_DIR/run.json`` (once: an existing file is kept)."""
+def write_identity(run_dir: Path, identity: dict[str, str], config: dict[str, Any]) -> None:
+    """Record the run id and the config that started it in ``RUN_DIR/run.json`` (once: an existing file is kept)."""
     path = run_dir / RUN_FILE
     if path.exists():
         return
-    data: dict[str, Any] = {"id": identity["id"], "name": name, "created": _now(), "host": socket.gethostname()}
+    data: dict[str, Any] = {"id": identity["id"], "created": _now(), "host": socket.gethostname(), "config": config}
     tmp = path.with_name(f".{RUN_FILE}.{os.getpid()}.tmp")
     tmp.write_text(json.dumps(data, indent=1) + "\n")
     os.replace(tmp, path)

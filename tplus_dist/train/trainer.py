@@ -140,8 +140,9 @@ class Trainer:
         """Where this process stands in a distributed run (train.run.Layout), set by build_trainer."""
         self.checkpoints: Any = None
         """The run's checkpoint.CheckpointManager, set by build_trainer."""
-        self.run_lock: Any = None
-        """The run directory's lock (train.rundir.RunLock, rank 0), set by build_trainer; released by close()."""
+        self.run_locks: list[Any] = []
+        """The run and checkpoint directories' locks (train.rundir.RunLock, rank 0), set by build_trainer; released
+        by close()."""
         core = getattr(model, "module", model)  # under an engine: its module
         if flops_per_token is None:
             flops = getattr(core, "flops_per_token", None)
@@ -274,9 +275,9 @@ class Trainer:
 
     def close(self) -> None:
         """Release the run directory for another job (the end of a run; the process exiting does it too)."""
-        if self.run_lock is not None:
-            self.run_lock.release()
-            self.run_lock = None
+        for lock in self.run_locks:
+            lock.release()
+        self.run_locks = []
 
     def fit(self, until: int | None = None) -> list[dict[str, Any]]:
         """Train to train.steps (or to step ``until``, e.g. to stop part-way); returns each step's metrics."""
