@@ -18,6 +18,8 @@ import os
 from pathlib import Path
 from typing import Any
 
+from tplus_dist.fsutil import write_atomic
+
 FINISHED = 0
 FAILED = 1
 BAD_INPUT = 2
@@ -38,9 +40,7 @@ def report(code: int, **details: Any) -> int:
         return code
     rank = int(os.environ.get("RANK", "0"))
     path = Path(where) / f"rank{rank}.json"
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(json.dumps({"code": code, **{k: str(v) for k, v in details.items()}}))
-    os.replace(tmp, path)
+    write_atomic(path, json.dumps({"code": code, **{k: str(v) for k, v in details.items()}}))
     return 0 if code == STOPPED else code
 
 

@@ -370,8 +370,9 @@ def run_launcher(cmd: list[str], env: dict[str, str]) -> int:
         finally:
             for s, handler in previous.items():
                 signal.signal(s, handler)
-        codes = {int(r["code"]) for r in exitcodes.collected(Path(status))}
-        stopped = [r for r in exitcodes.collected(Path(status)) if int(r["code"]) == exitcodes.STOPPED]
+        reports = exitcodes.collected(Path(status))
+    codes = {int(r["code"]) for r in reports}
+    stopped = [r for r in reports if int(r["code"]) == exitcodes.STOPPED]
     if rc < 0:
         return 128 - rc  # the launcher itself was killed by a signal
     if rc == 0:

@@ -32,7 +32,7 @@ from typing import Any
 import xxhash
 
 from tplus_dist.faults import inject
-from tplus_dist.fsutil import fsync_dir
+from tplus_dist.fsutil import fsync_dir, write_atomic
 
 MANIFEST = "manifest.json"
 LATEST = "latest"
@@ -62,17 +62,6 @@ def checksum(path: Path) -> str:
         while chunk := f.read(_CHUNK):
             h.update(chunk)
     return h.hexdigest()
-
-
-def write_atomic(path: Path, text: str) -> None:
-    """Write ``text`` to ``path`` through a temporary file and a rename: readers see the old or the new file."""
-    tmp = path.with_name(f".{path.name}.{uuid.uuid4().hex[:8]}.tmp")
-    with tmp.open("w") as f:
-        f.write(text)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
-    fsync_dir(path.parent)
 
 
 def new_staging_dir(root: Path, step: int) -> Path:

@@ -23,7 +23,6 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-import secrets
 import time
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
@@ -32,6 +31,7 @@ from pathlib import Path
 from typing import Any
 
 from tplus_dist.data.prepare import ManifestError, read_manifest
+from tplus_dist.fsutil import write_atomic
 
 CACHE_VERSION = 1
 CHUNK = 1 << 22  # 4 MiB reads: large enough that hashing, not the syscalls, sets the pace
@@ -134,9 +134,7 @@ def _write_cache(path: Path, directory: Path, files: dict[str, Any]) -> None:
     """Atomically: a reader sees the old file or the new one, never a part (the temp name is unique per writer,
     so several writers, e.g. one per node on a shared cache_dir, replace each other whole)."""
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f"{path.name}.tmp-{os.uname().nodename}-{os.getpid()}-{secrets.token_hex(4)}")
-    tmp.write_text(json.dumps({"version": CACHE_VERSION, "directory": str(directory), "files": files}))
-    os.replace(tmp, path)
+    write_atomic(path, json.dumps({"version": CACHE_VERSION, "directory": str(directory), "files": files}))
 
 
 def default_threads() -> int:

@@ -18,6 +18,7 @@ from tplus_dist.config import ConfigError, RunConfig
 from tplus_dist.data.corpus import pydoc_documents
 from tplus_dist.data.loader import EvalBatches, ShardBatches, fetch_manifest, open_split
 from tplus_dist.data.order import BatchRamp
+from tplus_dist.fsutil import write_atomic
 from tplus_dist.model import build_model
 from tplus_dist.model.decoder import model_flops_per_token, model_num_params
 from tplus_dist.optim import build_optimizer, build_scheduler
@@ -158,7 +159,6 @@ def verify_data(shards: str, manifest: dict[str, Any], cache_dir: str) -> None:
 def build_data(cfg: RunConfig, dp_size: int = 1, dp_rank: int = 0) -> Data:
     """Open the shards and check they fit the model and the run, and that they are intact (:func:`verify_data`),
     before any work is saved."""
-    check_writable(Path(cfg.data.cache_dir), "data.cache_dir")  # prepared corpora, decompressed shards, digests
     shards = ensure_prepared(cfg)
     manifest = fetch_manifest(shards, cfg.data.cache_dir)
     if manifest["seq_len"] != cfg.seq_len:
@@ -432,9 +432,7 @@ def truncate_metrics(path: Path, step: int) -> None:
     if not path.is_file():
         return
     keep = [line for line in path.read_text().splitlines() if line.strip() and json.loads(line).get("step", 0) <= step]
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text("".join(line + "\n" for line in keep))
-    os.replace(tmp, path)
+    write_atomic(path, "".join(line + "\n" for line in keep))
 
 
 def build_trainer(cfg: RunConfig, run_dir: Path | None = None, stop: Any = None) -> tuple[Trainer, Path]:

@@ -28,6 +28,7 @@ from pathlib import Path
 from typing import Any, ClassVar
 
 from tplus_dist.config import ConfigError
+from tplus_dist.fsutil import write_atomic
 
 LOCK = ".lock"
 RUN_FILE = "run.json"
@@ -159,6 +160,4 @@ def write_identity(run_dir: Path, identity: dict[str, str], config: dict[str, An
     if path.exists():
         return
     data: dict[str, Any] = {"id": identity["id"], "created": _now(), "host": socket.gethostname(), "config": config}
-    tmp = path.with_name(f".{RUN_FILE}.{os.getpid()}.tmp")
-    tmp.write_text(json.dumps(data, indent=1) + "\n")
-    os.replace(tmp, path)
+    write_atomic(path, json.dumps(data, indent=1) + "\n")
