@@ -8,15 +8,13 @@ from pathlib import Path
 
 import pytest
 
-from tests.distributed.test_tp_training import compare, distributed, single
-
-EVAL_ALL = 44
-"""Validation batches of 4 that cover the whole val split of the test corpus (174 samples at seq_len 64), the last
-one short (2 samples): a pipeline fixes its activation shapes at first use, and a short batch used to make one stage
-fail while the other waited for it forever (issue 14)."""
+from tests.distributed.test_tp_training import UNEVEN, compare, distributed, single
 
 
 def assert_short_last_validation_batch() -> None:
+    """The whole val split of the test corpus (174 samples at seq_len 64) in batches of 4 ends with a short one (2
+    samples): a pipeline fixes its activation shapes at first use, and a short batch used to make one stage fail
+    while the other waited for it forever (issue 14)."""
     from tests.distributed.test_tp_training import BASE
     from tplus_dist.config import load_config
     from tplus_dist.data.loader import fetch_manifest
@@ -24,8 +22,7 @@ def assert_short_last_validation_batch() -> None:
 
     cfg = load_config("configs/tiny.yaml", BASE)
     samples = fetch_manifest(ensure_prepared(cfg), cfg.data.cache_dir)["splits"]["val"]["samples"]
-    micro = cfg.train.micro_batch_size
-    assert micro * (EVAL_ALL - 1) < samples < micro * EVAL_ALL, (samples, micro)
+    assert samples % cfg.train.micro_batch_size != 0, (samples, cfg.train.micro_batch_size)
 
 
 @pytest.mark.slow
@@ -33,8 +30,8 @@ def assert_short_last_validation_batch() -> None:
 @pytest.mark.parametrize("tied", [True, False])
 def test_pipeline_equals_one_process(tmp_path: Path, zero: int, tied: bool) -> None:
     model = [f"--model.tie_embeddings={str(tied).lower()}", "--model.z_loss=1e-4"]
-    if zero == 1 and tied:  # validation over every sample of the split: 174 = 43 x 4 + 2, a short last batch
-        model += ["--train.eval_interval=5", f"--train.eval_batches={EVAL_ALL}"]
+    if zero == 1 and tied:  # validation over the whole split (a short last batch); uneven ignored targets
+        model += ["--train.eval_interval=5", UNEVEN]
         assert_short_last_validation_batch()
     compare(
         single(tmp_path, "--train.grad_accum=4", *model),
@@ -52,8 +49,9 @@ def test_pipeline_equals_one_process(tmp_path: Path, zero: int, tied: bool) -> N
 @pytest.mark.slow
 def test_pipeline_and_data_parallel_equal_one_process(tmp_path: Path) -> None:
     # PP 2 x DP 2: global batch 8 = 4 x 1 x 2 replicas; 2 micro-batches per replica keep the pipeline busy;
-    # validation at step 5 runs through the pipeline engine's eval_batch
-    ev = ["--train.eval_interval=5", "--train.eval_batches=2"]
+    # validation at step 5 runs through the pipeline engine's eval_batch: 5 samples in batches of 2, 2 and 1, dealt
+    # to the replicas (2 + 1, and 2 + a stand-in without counted targets)
+    ev = ["--train.eval_interval=5", "--train.eval_samples=5", "--model.z_loss=1e-4", UNEVEN]
     compare(
         single(tmp_path, "--train.micro_batch_size=2", "--train.grad_accum=4", *ev),
         distributed(
@@ -91,8 +89,8 @@ def test_relative_bias_tables_per_layer_split_over_stages_and_heads(tmp_path: Pa
 def test_interleaved_pipeline_equals_one_process(tmp_path: Path, zero: int) -> None:
     # 4 layers in 4 chunks: rank 0 holds layers 0 and 2, rank 1 layers 1 and 3; the tied embedding spans ranks
     model = ["--model.tie_embeddings=true", "--model.z_loss=1e-4"]
-    if zero == 0:  # validation with a short last batch, as above
-        model += ["--train.eval_interval=5", f"--train.eval_batches={EVAL_ALL}"]
+    if zero == 0:  # validation with a short last batch, as above; uneven ignored targets
+        model += ["--train.eval_interval=5", UNEVEN]
         assert_short_last_validation_batch()
     compare(
         single(tmp_path, "--train.grad_accum=4", *model),
@@ -107,7 +105,7 @@ def test_interleaved_pipeline_equals_one_process(tmp_path: Path, zero: int) -> N
 def test_interleaved_pipeline_and_data_parallel_with_evaluation_equal_one_process(tmp_path: Path) -> None:
     # PP 2 x DP 2, 2 chunks per rank, untied; validation through the pipeline's forward-only schedule at steps 2, 4
     # and 5, between training steps (a schedule that shared stages with evaluation got step 3's gradient wrong)
-    model = ["--model.tie_embeddings=false", "--train.eval_interval=2", "--train.eval_batches=2"]
+    model = ["--model.tie_embeddings=false", "--train.eval_interval=2", "--train.eval_samples=5", UNEVEN]
     compare(
         single(tmp_path, "--train.micro_batch_size=2", "--train.grad_accum=4", *model),
         distributed(

@@ -28,12 +28,60 @@ KEYS = ("loss", "grad_norm", "lr", "batch_size", "first_sample", "last_sample", 
 
 Result = tuple[list[list[float]], dict[str, torch.Tensor]]
 
+UNEVEN = "uneven-targets"
+"""Put in a run's overrides: its training and validation targets are made uneven (:class:`UnevenTargets`)."""
+
+
+def uneven(targets: torch.Tensor, positions: Any, ignore_index: int) -> torch.Tensor:
+    """``targets`` [m, s] where the sample at stream position p counts only its first (37 p) mod (s + 1) targets
+    (none to all): micro-batches and data-parallel ranks hold different numbers of counted targets, the same in every
+    layout (the positions are global)."""
+    out = targets.clone()
+    for row, p in enumerate(positions):
+        out[row, (37 * int(p)) % (targets.shape[1] + 1) :] = ignore_index
+    return out
+
+
+class UnevenTargets:
+    """A StepSource (or validation batches) whose targets are made uneven (:func:`uneven`): what a user's own data
+    with ignored targets looks like through the Python API."""
+
+    def __init__(self, source: Any, ignore_index: int) -> None:
+        self.source, self.ignore_index = source, ignore_index
+
+    def _fix(self, mb: Any) -> Any:
+        import dataclasses
+
+        return dataclasses.replace(mb, targets=uneven(mb.targets, mb.positions, self.ignore_index))
+
+    def next_step(self) -> Any:
+        import dataclasses
+
+        batch = self.source.next_step()
+        return dataclasses.replace(batch, micro_batches=[self._fix(mb) for mb in batch.micro_batches])
+
+    def __iter__(self) -> Any:
+        return (self._fix(mb) for mb in self.source)
+
+    def state_dict(self) -> dict[str, Any]:
+        return dict(self.source.state_dict())
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.source.load_state_dict(state)
+
 
 def run_and_gather(overrides: list[str]) -> Result:
-    """Train 5 steps as configured; the per-step metrics and the whole model's final parameters."""
+    """Train 5 steps as configured; the per-step metrics (KEYS, then val_loss, ce and z_loss, -1 where absent) and the
+    whole model's final parameters. With :data:`UNEVEN` among the overrides, the targets are made uneven."""
     from tplus_dist.parallel.state import full_state_dict
 
-    trainer, _ = build_trainer(load_config("configs/tiny.yaml", overrides))
+    made_uneven = UNEVEN in overrides
+    trainer, _ = build_trainer(load_config("configs/tiny.yaml", [o for o in overrides if o != UNEVEN]))
+    if made_uneven:
+        ignore = trainer.cfg.model.ignore_index
+        trainer.train_data = UnevenTargets(trainer.train_data, ignore)
+        if trainer.val_data is not None:
+            trainer.val_data = UnevenTargets(trainer.val_data, ignore)
     history = trainer.fit()
     groups = getattr(trainer, "layout", None)
     groups = groups.groups if groups is not None else None
@@ -42,7 +90,8 @@ def run_and_gather(overrides: list[str]) -> Result:
         tp_group=groups.tp if groups is not None else None,
         pp_group=groups.pp if groups is not None else None,
     )
-    return [[m[k] for k in KEYS] + [m.get("val_loss", -1.0)] for m in history], state
+    extra = ("val_loss", "ce", "z_loss")
+    return [[m[k] for k in KEYS] + [m.get(k, -1.0) for k in extra] for m in history], state
 
 
 def _rank(rank: int, world: int, overrides: list[str], out: str) -> None:
@@ -73,6 +122,9 @@ def compare(single: Result, parallel: Result, param_tol: float = PARAM_TOL) -> N
         # 1e-5 of itself
         assert abs(a[0] - b[0]) < 1e-5 and abs(a[1] - b[1]) < 1e-5 * a[1], (a, b)
         assert abs(a[7] - b[7]) < 1e-5, (a, b)  # validation loss (-1 where not evaluated)
+        # the loss's terms, logged in every layout (z_loss -1 where model.z_loss is 0)
+        assert a[8] != -1 and abs(a[8] - b[8]) < 1e-5 and abs(a[9] - b[9]) < 1e-5, (a, b)
+        assert (a[9] == -1) == (b[9] == -1), (a, b)
     assert a_params.keys() == b_params.keys()
     worst = max(((p - b_params[n]).abs().max().item(), n) for n, p in a_params.items() if p.shape == b_params[n].shape)
     print(f"largest parameter difference: {worst[0]:.2e} ({worst[1]})")
@@ -104,7 +156,14 @@ one process to 1e-14 in float64, so the fp32 gap is rounding."""
 # Choices that change what crosses tensor-parallel ranks: kv-head layouts, QK-norm, biases, tied or untied
 # head, soft-capping, z-loss, parallel blocks, sliding windows, ALiBi slopes per head, padding rows.
 CHOICES = {
-    "gqa-tied-zloss": ["--model.n_kv_heads=2", "--model.tie_embeddings=true", "--model.z_loss=1e-4"],
+    # uneven ignored targets (token-weighted means), validated over the whole val split (a short last batch)
+    "gqa-tied-zloss": [
+        "--model.n_kv_heads=2",
+        "--model.tie_embeddings=true",
+        "--model.z_loss=1e-4",
+        "--train.eval_interval=5",
+        UNEVEN,
+    ],
     "mqa-qknorm-untied-softcap": [
         "--model.n_kv_heads=1",  # fewer kv heads than ranks: replicated
         "--model.qk_norm=rmsnorm",
@@ -148,10 +207,14 @@ def test_tensor_parallel_equals_one_process(tmp_path: Path, choice: str) -> None
 @pytest.mark.slow
 @pytest.mark.parametrize("zero", [1, 2, 3])
 def test_tensor_and_data_parallel_equal_one_process(tmp_path: Path, zero: int) -> None:
-    # TP 2 x DP 2: global batch 8 = 4 x 1 x 2 replicas, against 4 x 2 in one process
+    # TP 2 x DP 2: global batch 8 = 4 x 1 x 2 replicas, against 4 x 2 in one process. Uneven ignored targets: the
+    # replicas hold different numbers of counted targets. Validation on 26 samples: batches of 4, 4, ..., 2 dealt to
+    # the two replicas (4 and 3, and a stand-in without counted targets), the same token mean as one process.
+    model = ["--model.z_loss=1e-4", "--train.eval_interval=5", "--train.eval_samples=26", UNEVEN]
     compare(
-        single(tmp_path, "--train.grad_accum=2"),
+        single(tmp_path, "--train.grad_accum=2", *model),
         distributed(
-            tmp_path, 4, "--train.grad_accum=1", "--parallel.tensor_parallel=2", f"--parallel.zero_stage={zero}"
+            tmp_path, 4, "--train.grad_accum=1", "--parallel.tensor_parallel=2", f"--parallel.zero_stage={zero}",
+            *model,
         ),
-    )
+    )  # fmt: skip

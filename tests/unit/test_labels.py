@@ -141,7 +141,7 @@ def test_loader_carries_each_samples_label(labeled: Path, tmp_path: Path) -> Non
         for mb in loader.next_step().micro_batches:
             assert mb.labels is not None and mb.labels.dtype == torch.int64
             assert mb.labels.tolist() == [stored["train"][int(i)] for i in loader.order.indices(mb.positions)]
-    val = list(EvalBatches(open_split(str(labeled), "val", tmp_path / "cache"), SEQ, 4, 2, labels=True))
+    val = list(EvalBatches(open_split(str(labeled), "val", tmp_path / "cache"), SEQ, 4, 8, labels=True))
     assert [lab for mb in val for lab in (mb.labels.tolist() if mb.labels is not None else [])] == stored["val"][:8]
     plain = ShardBatches(open_split(str(labeled), "train", tmp_path / "cache"), SEQ, 4, BatchRamp(end=4), seed=3)
     assert plain.next_step().micro_batches[0].labels is None  # read only when asked
@@ -157,7 +157,7 @@ def _config_args(labeled: Path, tmp_path: Path, *extra: str) -> list[str]:
         "--train.steps=3",
         "--train.micro_batch_size=4",
         "--train.eval_interval=3",
-        "--train.eval_batches=2",
+        "--train.eval_samples=8",
         "--log.progress=false",
         "--log.tensorboard=false",
         "--checkpoint.interval_steps=0",

@@ -16,7 +16,7 @@ FAST = [
     "--train.steps=30",
     "--train.micro_batch_size=8",
     "--train.eval_interval=15",
-    "--train.eval_batches=2",
+    "--train.eval_samples=16",
     "--model.seq_len=64",
     "--log.progress=false",
     "--schedule.warmup_steps=5",
@@ -68,13 +68,20 @@ def test_run_directory_has_config_metrics_and_tensorboard(tmp_path: Path) -> Non
         "grad_norm",
         "tokens",
         "tokens_per_s",
-        "step_time",
+        "time/step",
+        "time/data",
         "batch_size",
         "first_sample",
         "last_sample",
     ):
         assert all(key in r for r in rows), key
     assert "val_loss" in rows[1] and "val_loss" in rows[3]
+    # where time goes: the step's throughput from its own time, evaluation and the final save timed apart
+    for r in rows:
+        assert r["tokens_per_s"] == pytest.approx(r["batch_size"] * 64 / r["time/step"], rel=1e-9)
+        assert r["time/data"] >= 0 and r["time/step"] > 0
+    assert [("time/eval" in r) for r in rows] == [False, True, False, True]
+    assert "time/checkpoint" in rows[3] and rows[3]["time/checkpoint"] == rows[3]["checkpoint_stall_s"]
     assert [(r["first_sample"], r["last_sample"]) for r in rows] == [(0, 7), (8, 15), (16, 23), (24, 31)]
     assert load_config(run_dir / "config.yaml").train.steps == 4  # the resolved config reloads
     assert list((run_dir / "tensorboard").glob("events.out.tfevents.*"))

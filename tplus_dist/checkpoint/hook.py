@@ -23,7 +23,8 @@ class CheckpointHook(Hook):
     reasons to save and whether a background save is still writing somewhere), since each rank's clock, signals
     and disk are its own. Runs after the metrics file hook, so a step's row is on disk before its save starts;
     ``log(step, values)`` (rank 0's metrics writer) then records the save's timings in a line of their own for that
-    step (``checkpoint_s``, ``checkpoint_stall_s``, ``checkpoint``)."""
+    step (``checkpoint_s``: the save's duration, ``checkpoint_stall_s`` = ``time/checkpoint``: how long the step
+    loop waited for it, less than the save's duration for a background save)."""
 
     def __init__(
         self,
@@ -68,14 +69,17 @@ class CheckpointHook(Hook):
             return
         if self.background and not (signalled or at_end):
             stall = self.manager.save_in_background(trainer)
-            metrics["checkpoint_stall_s"] = stall
-            self._log(step, {"checkpoint_stall_s": stall})
+            metrics["checkpoint_stall_s"] = metrics["time/checkpoint"] = stall
+            self._log(step, {"checkpoint_stall_s": stall, "time/checkpoint": stall})
             self.last_save = time.monotonic()
             return
         result = self.manager.save(trainer)  # (a background save still writing is published first)
         self.last_save = time.monotonic()
-        metrics["checkpoint_s"] = metrics["checkpoint_stall_s"] = result.seconds
-        self._log(step, {"checkpoint_s": result.seconds, "checkpoint_stall_s": result.seconds})
+        metrics["checkpoint_s"] = metrics["checkpoint_stall_s"] = metrics["time/checkpoint"] = result.seconds
+        self._log(
+            step,
+            {"checkpoint_s": result.seconds, "checkpoint_stall_s": result.seconds, "time/checkpoint": result.seconds},
+        )
         self._report(result, "signal" if signalled else "end" if at_end else "interval")
         if signalled:
             trainer.stop_requested = True

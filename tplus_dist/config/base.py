@@ -103,6 +103,13 @@ def _coerce(value: Any, tp: Any, field: str) -> Any:
     return value
 
 
+RENAMED = {
+    "train.eval_batches": "train.eval_samples, a number of samples (micro-batches made the validation set depend on "
+    "micro_batch_size); leave it out to evaluate on the whole validation split",
+}
+"""Keys that were replaced: their error says by what."""
+
+
 def from_dict(cls: type[T], data: dict[str, Any], prefix: str = "") -> T:
     """Build dataclass ``cls`` from ``data``; unknown keys and wrong types are errors naming the field."""
     if not isinstance(data, dict):
@@ -112,6 +119,8 @@ def from_dict(cls: type[T], data: dict[str, Any], prefix: str = "") -> T:
     unknown = sorted(set(data) - set(fields))
     if unknown:
         where = f"{prefix}.{unknown[0]}" if prefix else unknown[0]
+        if where in RENAMED:
+            raise ConfigError(where, f"was replaced by {RENAMED[where]}")
         raise ConfigError(
             where, f"unknown key; valid keys of {prefix or 'the config'} are: {', '.join(sorted(fields))}"
         )

@@ -198,8 +198,10 @@ class TrainConfig:
     """auto: cuda when available, else cpu."""
     eval_interval: int = 100
     """Steps between validation-loss evaluations (0 disables)."""
-    eval_batches: int = 8
-    """Micro-batches per validation-loss evaluation (the same ones each time)."""
+    eval_samples: int | None = None
+    """Samples in the validation set: the first this many of the validation split, the same every evaluation and in
+    every layout (micro-batch size, accumulation, data-parallel size, pipeline). None: the whole split. val_loss is the
+    mean over every target token of these samples."""
     log_interval: int = 10
     """Steps between console lines (metrics.jsonl gets every step)."""
     compile: bool = False
@@ -219,8 +221,13 @@ class TrainConfig:
 
     def validate(self, prefix: str = "train") -> None:
         p = prefix + "."
-        for name in ("steps", "micro_batch_size", "grad_accum", "log_interval", "eval_batches"):
+        for name in ("steps", "micro_batch_size", "grad_accum", "log_interval"):
             check(getattr(self, name) > 0, p + name, f"must be positive, got {getattr(self, name)}")
+        check(
+            self.eval_samples is None or self.eval_samples > 0,
+            p + "eval_samples",
+            f"must be positive (or left out: the whole validation split), got {self.eval_samples}",
+        )
         check(self.eval_interval >= 0, p + "eval_interval", "must be >= 0 (0 disables)")
         check(self.seq_len is None or self.seq_len > 0, p + "seq_len", "must be positive")
         check(self.max_consecutive_skips > 0, p + "max_consecutive_skips", "must be positive (1: stop at the first)")

@@ -292,16 +292,46 @@ class ShardBatches:
 
 
 class EvalBatches:
-    """The first ``n_batches`` micro-batches of a split, in stored order: the same every evaluation."""
+    """The validation set: the first ``n_samples`` samples of a split in stored order, the same every evaluation and
+    whatever the layout (micro-batch size, accumulation, data-parallel size, pipeline). They are cut into
+    micro-batches of ``micro_batch`` samples (the last one shorter), dealt round-robin to the ``dp_size`` data-parallel
+    ranks; where the deal leaves a rank one batch short, it gets a stand-in whose targets are all ``ignore_index``, so
+    that every rank runs the same number of forwards (ZeRO-3 gathers parameters in each; a pipeline's stages exchange
+    activations) while the stand-in adds no token to the mean. The mean itself is token-weighted over every sample
+    (token_mean.py), so it does not depend on how the samples are split.
 
-    def __init__(self, dataset: Any, seq_len: int, micro_batch: int, n_batches: int, labels: bool = False) -> None:
+    Raises ValueError when the split holds no sample, or fewer than ``n_samples`` (``None``: the whole split)."""
+
+    def __init__(
+        self,
+        dataset: Any,
+        seq_len: int,
+        micro_batch: int,
+        n_samples: int | None = None,
+        labels: bool = False,
+        *,
+        dp_size: int = 1,
+        dp_rank: int = 0,
+        ignore_index: int = -100,
+    ) -> None:
         self.reader = SampleReader(dataset, seq_len, labels)
-        n = min(len(self.reader), micro_batch * n_batches)
-        if n == 0:
+        size = len(self.reader)
+        if size == 0:
             raise ValueError("the validation split holds no sample")
-        self.batches = [np.arange(i, min(i + micro_batch, n)) for i in range(0, n, micro_batch)]
+        if n_samples is not None and n_samples > size:
+            raise ValueError(f"({n_samples}) is more than the {size} samples of the validation split")
+        self.n_samples = n = size if n_samples is None else n_samples
+        self.ignore_index = ignore_index
+        every = [np.arange(i, min(i + micro_batch, n)) for i in range(0, n, micro_batch)]
+        per_rank = -(-len(every) // dp_size)
+        mine: list[np.ndarray | None] = list(every[dp_rank::dp_size])
+        self.batches = mine + [None] * (per_rank - len(mine))
 
     def __iter__(self) -> Iterator[MicroBatch]:
         for idx in self.batches:
+            if idx is None:  # a stand-in: sample 0, no target counts
+                chunk, labels = self.reader[np.arange(1)]
+                yield MicroBatch(chunk[:, :-1], torch.full_like(chunk[:, 1:], self.ignore_index), np.arange(0), labels)
+                continue
             chunk, labels = self.reader[idx]
             yield MicroBatch(chunk[:, :-1], chunk[:, 1:], idx, labels)

@@ -23,12 +23,13 @@ guard then decides when the runner concludes the step (:meth:`StepGuard.conclude
 over data and model parallel), so on every rank either the wrapped step asks or nobody does: the decision's
 collective is in the same place everywhere.
 
-The decision: one all-reduce (sum, float64) over the world group of [this rank's loss if it counts it, 1 if it does,
-rank 0's gradient norm, 1 if this rank's loss is not finite, 1 if its norm is not finite]. A runner says which
-ranks count the loss (each data-parallel replica once: tensor-parallel rank 0, and in a pipeline the rank that knows
-it), so the loss is the global mean; the norm is the pre-clip norm, global already (the runner's source: ours in
-one process and fp32 ZeRO 0, DeepSpeed's ``_global_grad_norm`` otherwise). Every rank reads the same sums, applies
-the same rule to the same history, and so skips the same steps.
+The decision: one all-reduce (sum, float64) over the world group of [this rank's loss sums (total, ce, z-loss: each
+a sum over its counted targets) and its number of counted targets if it counts them, 1 if it does, rank 0's gradient
+norm, 1 if this rank's loss is not finite, 1 if its norm is not finite]. A runner says which ranks count the loss
+(each data-parallel replica once: tensor-parallel rank 0, and in a pipeline the rank that knows it), so the loss is
+the mean over every target of the step (token_mean.py); the norm is the pre-clip norm, global already (the runner's
+source: ours in one process and fp32 ZeRO 0, DeepSpeed's ``_global_grad_norm`` otherwise). Every rank reads the
+same sums, applies the same rule to the same history, and so skips the same steps.
 
 The spike rule is OLMo-core's (olmo_core/optim/skip_step_optimizer.py ``SkipStepOptimizer.get_step_factor``, with
 its defaults: a window of 128 steps, 6 standard deviations): skip a step whose loss or gradient norm exceeds the
@@ -54,9 +55,11 @@ import torch.distributed as dist
 from torch import nn
 
 from tplus_dist import faults
+from tplus_dist.token_mean import PARTS, LossSums
 
-LossShare = Callable[[], tuple[float, int]]
-"""This rank's share of the step's loss: (its value, 1 if this rank counts it else 0)."""
+LossShare = Callable[[], LossSums]
+"""This rank's share of the step's token-weighted loss (token_mean.LossSums: its sums, its counted targets, and
+whether this rank counts: one rank per data-parallel replica)."""
 GradNorm = Callable[[], float]
 """The step's global pre-clip gradient norm."""
 
@@ -71,9 +74,12 @@ class Verdict:
 
     step: int
     loss: float
+    """The step's loss: the mean over every target that counts, on every rank (token_mean)."""
     grad_norm: float
     skipped: bool
     reason: str | None = None
+    parts: dict[str, float] | None = None
+    """The loss's terms (``ce``, ``z_loss``), token-weighted means like ``loss``."""
     loss_sigmas: float | None = None
     """With the spike rule acting: (loss - window mean) / window standard deviation."""
     grad_norm_sigmas: float | None = None
@@ -196,16 +202,16 @@ class StepGuard:
         assert self._sources is not None
         faults.inject("grad", self._step)  # the step's gradients exist, the update is not made yet
         loss_share, grad_norm = self._sources
-        value, counts = loss_share()
+        share = loss_share()
         norm = float(grad_norm())
         distributed = dist.is_available() and dist.is_initialized()
         rank0 = not distributed or dist.get_rank() == 0
+        own_loss = share.sums.get("loss", 0.0)
         sums = torch.tensor(
             [
-                value if counts else 0.0,
-                float(bool(counts)),
+                *share.vector(),
                 norm if rank0 else 0.0,
-                float(bool(counts) and not math.isfinite(value)),
+                float(share.counts and not math.isfinite(own_loss)),
                 float(not math.isfinite(norm)),
             ],
             dtype=torch.float64,
@@ -213,10 +219,13 @@ class StepGuard:
         )
         if distributed:
             dist.all_reduce(sums)
-        loss_sum, counted, norm, bad_loss, bad_norm = sums.tolist()
+        values = sums.tolist()
+        total, counted = LossSums.from_vector(values[: len(PARTS) + 2])
+        norm, bad_loss, bad_norm = values[len(PARTS) + 2 :]
         if counted == 0:
             raise RuntimeError(f"step {self._step}: no rank counted the loss (a runner's loss share is wrong)")
-        loss = loss_sum / counted
+        means = total.means()
+        loss = means.pop("loss")
         if bad_norm and math.isfinite(norm):
             norm = math.nan  # another rank's norm was not finite
         reasons = []
@@ -225,8 +234,8 @@ class StepGuard:
         if not math.isfinite(norm):
             reasons.append(f"grad_norm {norm}")
         if reasons:
-            return Verdict(self._step, loss, norm, True, " and ".join(reasons) + " (not finite)")
-        verdict = Verdict(self._step, loss, norm, False)
+            return Verdict(self._step, loss, norm, True, " and ".join(reasons) + " (not finite)", parts=means)
+        verdict = Verdict(self._step, loss, norm, False, parts=means)
         if not self.skip_spikes or len(self.losses) < max(2, self.spike_window // 2):
             return verdict
         k, n = self.spike_sigmas, len(self.losses)

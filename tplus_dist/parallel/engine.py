@@ -41,13 +41,15 @@ from torch import nn
 
 from tplus_dist.config.run import RunConfig
 from tplus_dist.optim.guard import StepGuard
+from tplus_dist.token_mean import LossSums, count_targets, global_token_count
 
 # No periodic prints from the engine: our trainer logs.
 _NEVER = 10**12
 
 MicroBatch = tuple[Any, ...]
 """(tokens [b, s], targets [b, s]), or (tokens, targets, labels [b] or None)."""
-LossFn = Callable[[nn.Module, MicroBatch], torch.Tensor]
+LossFn = Callable[[nn.Module, MicroBatch], "torch.Tensor | tuple[torch.Tensor, dict[str, torch.Tensor]]"]
+"""A micro-batch's mean loss over its counted targets, or (that loss, its terms: ``ce``, ``z_loss``)."""
 
 
 def deep_merge(base: Mapping[str, Any], override: Mapping[str, Any]) -> dict[str, Any]:
@@ -178,23 +180,33 @@ def deepspeed_grad_norm(engine: Any) -> float:
 @dataclass
 class StepResult:
     loss: float
-    """Mean loss over the global batch (all data-parallel ranks)."""
+    """Mean loss over every counted target of the global batch (all data-parallel ranks)."""
     grad_norm: float
     """Global gradient norm before clipping."""
+    parts: dict[str, float] | None = None
+    """The loss's terms (``ce``, ``z_loss``), token-weighted like ``loss`` (with a guard)."""
 
 
 class EngineStep:
     """One optimizer step of ours through a DeepSpeed engine: any number of micro-batches (the accumulation count
-    may change from step to step), per-step optimizer values, the global mean loss and the pre-clip norm.
+    may change from step to step), per-step optimizer values, the global token-weighted mean loss and the pre-clip
+    norm.
 
-    ``loss_fn(module, micro_batch)`` returns the micro-batch's mean loss; every rank passes the same number of
-    micro-batches of the same size (the global batch split as data/order.micro_batch_positions does)."""
+    ``loss_fn(module, micro_batch)`` returns the micro-batch's mean loss over its targets that are not
+    ``ignore_index`` (or that loss and its terms); every rank passes the same number of micro-batches of the same size
+    (the global batch split as data/order.micro_batch_positions does). Micro-batch ``j`` holding ``c_j`` counted
+    targets is back-propagated with weight ``c_j x dp / N``, ``N`` the step's counted targets over every rank (one
+    all-reduce of a number before the first forward) and ``dp`` undoing DeepSpeed's average over data parallel: the
+    gradient is that of the mean over every counted target of the step (token_mean.py)."""
 
-    def __init__(self, engine: Any, loss_fn: LossFn, dp_group: dist.ProcessGroup | None = None) -> None:
+    def __init__(
+        self, engine: Any, loss_fn: LossFn, dp_group: dist.ProcessGroup | None = None, ignore_index: int = -100
+    ) -> None:
         self.engine = engine
         self.loss_fn = loss_fn
         self.dp_group = dp_group if dp_group is not None else engine.data_parallel_group
         self.dp = dist.get_world_size(self.dp_group)
+        self.ignore_index = ignore_index
 
     def run_step(
         self,
@@ -218,33 +230,38 @@ class EngineStep:
             eng.set_train_batch_size(micro * n * self.dp)
         if set_values is not None:
             set_values(eng.optimizer)
-        total = torch.zeros((), dtype=torch.float64)
-        for j, mb in enumerate(micro_batches):
+        counts = [count_targets(mb[1], self.ignore_index) for mb in micro_batches]
+        total = global_token_count(sum(counts), self.dp_group, eng.device if self.dp > 1 else None)
+        share = LossSums(counts=counts_loss)
+        for j, (mb, count) in enumerate(zip(micro_batches, counts, strict=True)):
             eng.set_gradient_accumulation_boundary(j == n - 1)
-            loss = self.loss_fn(eng, mb)
-            total += loss.detach().double().cpu()
-            eng.backward(loss / n, scale_wrt_gas=False)  # our own 1/n: n may differ from the config's count
+            out = self.loss_fn(eng, mb)
+            loss, parts = out if isinstance(out, tuple) else (out, {})
+            terms = torch.stack([loss.detach(), *(v.detach() for v in parts.values())]).double().cpu().tolist()
+            share.add(dict(zip(["loss", *parts], terms, strict=True)), count)
+            # our own weight, not DeepSpeed's 1/gradient_accumulation_steps: the count may change between steps
+            eng.backward(loss * (count * self.dp / total), scale_wrt_gas=False)
         # Only fp32 ZeRO 0 loses the norm (DeepSpeed's clip_fp32_gradients path); the others keep it in step().
         fp32_zero0 = eng.zero_optimization_stage() == 0 and not (eng.bfloat16_enabled() or eng.fp16_enabled())
         norm = self._zero0_norm() if fp32_zero0 else None
-        mean = total / n
         if guard is not None:
-            share, zero0_norm = (float(mean), int(counts_loss)), norm
+            zero0_norm = norm
             guard.arm(
                 lambda: share, (lambda: zero0_norm) if zero0_norm is not None else lambda: deepspeed_grad_norm(eng)
             )
             eng.step()  # the client optimizer's step asks the guard
             verdict = guard.conclude()
-            return StepResult(loss=verdict.loss, grad_norm=verdict.grad_norm)
+            return StepResult(loss=verdict.loss, grad_norm=verdict.grad_norm, parts=verdict.parts)
         eng.step()
         if norm is None:
             got = eng.get_global_grad_norm()
             norm = float("nan") if got is None else float(got)
+        sums = torch.tensor([share.sums["loss"], float(share.tokens)], dtype=torch.float64)
         if self.dp > 1:
-            mean = mean.to(loss.device)  # NCCL reduces device tensors only
-            dist.all_reduce(mean, group=self.dp_group)
-            mean /= self.dp
-        return StepResult(loss=float(mean), grad_norm=norm)
+            sums = sums.to(loss.device)  # NCCL reduces device tensors only
+            dist.all_reduce(sums, group=self.dp_group)
+        loss_sum, tokens = sums.tolist()
+        return StepResult(loss=loss_sum / tokens if tokens else 0.0, grad_norm=norm)
 
     def _zero0_norm(self) -> float:
         # After the boundary backward ZeRO 0's gradients are averaged over data parallel; DeepSpeed's clip helper
@@ -267,4 +284,4 @@ class EngineStepRunner:
     def run(self, micro_batches: Sequence[Any], before_update: Callable[[], None]) -> tuple[dict[str, float], float]:
         batches = [(mb.tokens, mb.targets, mb.labels) for mb in micro_batches]
         result = self.step.run_step(batches, lambda _opt: before_update(), self.guard, self.counts_loss)
-        return {"loss": result.loss}, result.grad_norm
+        return {"loss": result.loss, **(result.parts or {})}, result.grad_norm

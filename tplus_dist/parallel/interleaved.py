@@ -26,6 +26,7 @@ from tplus_dist.model.decoder import Decoder, ParamKind, parameter_kind
 from tplus_dist.optim.guard import StepGuard
 from tplus_dist.parallel.groups import ProcessGroups
 from tplus_dist.parallel.pipeline import DecoderLoss, PipelineGradNorm, engine_grad_norm, pad_micro_batch
+from tplus_dist.token_mean import LossSums, count_targets, global_token_count
 
 _CHUNK_PREFIX = re.compile(r"^chunks\.\d+\.")
 
@@ -112,8 +113,8 @@ class InterleavedStepRunner:
         self.tied_group = tied_embedding_groups(groups) if chunks.cfg.tie_embeddings else None
         self._schedules: dict[tuple[int, bool], Any] = {}
         self.norm = engine_grad_norm(engine, groups)
-        # after the schedule every pipeline rank knows its replica's loss: one of them counts it
-        self.counts_loss = groups.pp_rank == 0 and groups.tp_rank == 0
+        # the rank that holds the last stage knows its replica's loss
+        self.counts_loss = self.has_last and groups.tp_rank == 0
 
     def _schedule(self, n: int, train: bool) -> Any:
         """A schedule with its own PipelineStage objects for each (micro-batch count, train or eval): a stage
@@ -128,27 +129,26 @@ class InterleavedStepRunner:
                 self._stage_class(chunk, stage_index=s, num_stages=c.num_stages, device=dev, group=group)
                 for s, chunk in zip(c.stage_ids, c.chunks, strict=True)
             ]
-            self._schedules[key] = ScheduleInterleaved1F1B(stages, n_microbatches=n, loss_fn=self.loss)
+            # scale_grads=False: the loss function's weights make the token mean (DecoderLoss.begin)
+            self._schedules[key] = ScheduleInterleaved1F1B(
+                stages, n_microbatches=n, loss_fn=self.loss, scale_grads=False
+            )
         return self._schedules[key]
 
-    def _run(self, micro_batches: Sequence[tuple[torch.Tensor, torch.Tensor]], train: bool) -> float:
-        """Run the schedule over the micro-batches; the mean loss, the same on every rank of the replica."""
+    def _run(self, micro_batches: Sequence[tuple[torch.Tensor, torch.Tensor]], train: bool, weight: float) -> LossSums:
+        """Run the schedule over the micro-batches, ``weight`` per counted target (:class:`DecoderLoss`); this
+        rank's loss sums (those of the last stage's rank)."""
         sched = self._schedule(len(micro_batches), train)
         tokens = torch.cat([x for x, _ in micro_batches]).to(self.device)
         targets = torch.cat([y for _, y in micro_batches]).to(self.device)
-        losses: list[torch.Tensor] = []
         args = (tokens,) if self.has_first else ()
-        kw: dict[str, Any] = dict(target=targets, losses=losses) if self.has_last else {}
+        kw: dict[str, Any] = dict(target=targets) if self.has_last else {}
+        self.loss.begin(weight)
         if train:
             sched.step(*args, **kw)
         else:
             sched.eval(*args, **kw)
-        total = torch.zeros((), dtype=torch.float64)
-        if self.has_last:
-            total += sum(float(loss.detach()) for loss in losses) / len(losses)
-        # the last stage knows the loss: sum over the pipeline ranks (the others add 0)
-        dist.all_reduce(total, group=self.groups.pp)
-        return float(total)
+        return self.loss.take(self.counts_loss, len(micro_batches))
 
     def run(self, micro_batches: Sequence[Any], before_update: Callable[[], None]) -> tuple[dict[str, float], float]:
         eng = self.engine
@@ -157,7 +157,14 @@ class InterleavedStepRunner:
             eng.set_train_batch_size(micro_batches[0].tokens.shape[0] * n * eng.dp_world_size)
         for p in self.chunks.parameters():
             p.grad = None
-        loss = self._run([(mb.tokens, mb.targets) for mb in micro_batches], train=True)
+        ignore = self.chunks.cfg.ignore_index
+        total = global_token_count(
+            sum(count_targets(mb.targets, ignore) for mb in micro_batches), self.groups.dp, self.device
+        )
+        # the gradients are summed over micro-batches (scale_grads=False), then averaged over data parallel
+        share = self._run(
+            [(mb.tokens, mb.targets) for mb in micro_batches], train=True, weight=eng.dp_world_size / total
+        )
         tied = self.chunks.tied_embedding()
         if self.tied_group is not None and tied is not None and tied.grad is not None:
             dist.all_reduce(tied.grad, group=self.tied_group)  # the embedding's and the head's use
@@ -166,16 +173,18 @@ class InterleavedStepRunner:
         before_update()
         if isinstance(self.norm, PipelineGradNorm):
             self.norm.reset()
-        share = (loss, int(self.counts_loss))
         self.guard.arm(lambda: share, self.norm)
         eng.step()  # the client optimizer's step asks the guard
-        verdict = self.guard.conclude()  # the loss averaged over the replicas
-        return {"loss": verdict.loss}, verdict.grad_norm
+        verdict = self.guard.conclude()  # the token mean over the replicas
+        return {"loss": verdict.loss, **(verdict.parts or {})}, verdict.grad_norm
 
     @torch.no_grad()
-    def evaluate(self, batches: Sequence[Any]) -> float:
-        """Mean loss over ``batches`` (one micro-batch each); a short last batch is padded (pad_micro_batch): the
-        stages keep the shapes of the first batch their schedule ran."""
+    def evaluate(self, batches: Sequence[Any]) -> LossSums:
+        """This rank's validation loss sums over ``batches`` (one micro-batch each; the trainer adds them over the
+        replicas); a short last batch is padded (pad_micro_batch): the stages keep the shapes of the first batch their
+        schedule ran."""
         micro, ignore = self.engine.train_micro_batch_size_per_gpu(), self.chunks.cfg.ignore_index
-        losses = [self._run([pad_micro_batch(mb.tokens, mb.targets, micro, ignore)], train=False) for mb in batches]
-        return sum(losses) / len(losses)
+        total = LossSums(counts=self.counts_loss)
+        for mb in batches:
+            total.merge(self._run([pad_micro_batch(mb.tokens, mb.targets, micro, ignore)], train=False, weight=1.0))
+        return total

@@ -31,6 +31,7 @@ from tplus_dist.model.decoder import Decoder, ParamKind, parameter_kind
 from tplus_dist.model.init import module_weight
 from tplus_dist.optim.guard import StepGuard
 from tplus_dist.parallel.groups import ProcessGroups
+from tplus_dist.token_mean import PARTS, LossSums, count_targets, global_token_count
 
 MicroBatch = tuple[torch.Tensor, torch.Tensor]
 
@@ -46,17 +47,46 @@ def _project_with_embedding(part: nn.Module, x: torch.Tensor) -> torch.Tensor:
 
 
 class DecoderLoss:
-    """The pipeline's loss_fn(logits, targets): the decoder's loss (vocab-parallel under TP)."""
+    """The pipeline's loss_fn(logits, targets): the decoder's loss (vocab-parallel under TP), weighted for a token
+    mean, with what it computed kept for the metrics.
+
+    A pipeline runtime back-propagates what this returns, scaled its own way (DeepSpeed's engine by
+    1/gradient_accumulation_steps, then averaged over data parallel; the interleaved runner's schedule as it is
+    told). :meth:`begin` sets the step's weight per counted target, ``w``: a micro-batch with ``c`` counted targets
+    and mean loss ``l`` returns ``l x c x w``, so the gradient is that of the mean over every counted target of the
+    step when ``w`` undoes the runtime's own scaling over the step's count ``N`` (token_mean.py). The count is taken
+    on the device (no synchronisation per micro-batch); :meth:`take` reads the sums once."""
 
     def __init__(self, cfg: ModelConfig, provider: LayerProvider) -> None:
         self.cfg, self.provider = cfg, provider
+        self.weight = 1.0
+        self._records: list[tuple[torch.Tensor, torch.Tensor]] = []
+
+    def begin(self, weight: float) -> None:
+        """A new step or evaluation: ``weight`` per counted target, and no sums yet."""
+        self.weight, self._records = weight, []
 
     def __call__(self, logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
         c = self.cfg
-        loss, _ = self.provider.lm_loss(
+        loss, parts = self.provider.lm_loss(
             logits, targets, vocab_size=c.vocab_size, z_loss=c.z_loss, ignore_index=c.ignore_index
         )
-        return loss
+        count = (targets != c.ignore_index).sum()
+        terms = torch.stack([loss.detach(), parts["ce"], parts.get("z_loss", torch.zeros_like(loss))]).double()
+        self._records.append((terms * count, count))
+        return loss * (count * self.weight)
+
+    def take(self, counts: bool, micro_batches: int) -> LossSums:
+        """This rank's loss sums over the last ``micro_batches`` calls since :meth:`begin` (empty on a rank without
+        the last stage); ``counts``: whether they enter the mean over ranks. The last ones: torch.distributed.pipelining
+        calls the loss once more, first, when a schedule infers its stages' gradient shapes (``_prepare_backward_infra``
+        in its first step)."""
+        records = self._records[-micro_batches:]
+        if not records:
+            return LossSums(counts=counts)
+        sums = torch.stack([r[0] for r in records]).sum(0).tolist()
+        tokens = int(torch.stack([r[1] for r in records]).sum())
+        return LossSums(dict(zip(PARTS, sums, strict=True)), tokens, counts)
 
 
 _STAGE_PREFIX = re.compile(r"^(?:tied_modules\.[^.]+|\d+)\.")
@@ -197,51 +227,53 @@ def engine_grad_norm(engine: Any, groups: ProcessGroups) -> Callable[[], float]:
 class PipelineStepRunner:
     """The trainer's StepRunner over DeepSpeed's pipeline engine: one train_batch per optimizer step, with as many
     micro-batches as the step has (a growing batch changes their number). Every rank of a replica reads the same
-    micro-batches; the first stage uses the tokens, the last the targets. train_batch runs the whole step, so the
-    guard reads the loss inside it, when the engine's optimizer step asks: the last stage's sum of its micro-batch
-    losses (runtime/pipe/engine.py: ``total_loss``, which ``_aggregate_total_loss`` divides by the accumulation count
-    only after the step)."""
+    micro-batches; the first stage uses the tokens, the last the targets. The engine back-propagates the loss
+    function's value divided by the accumulation count and averages gradients over data parallel, so the loss
+    function (:class:`DecoderLoss`) is told the weight ``n x dp / N`` per counted target (``N``: the step's counted
+    targets over every replica). train_batch runs the whole step, so the guard reads the loss inside it, when the
+    engine's optimizer step asks: the last stage's sums, kept by the loss function."""
 
     def __init__(self, engine: Any, groups: ProcessGroups, device: torch.device, guard: StepGuard) -> None:
         self.engine = engine
+        self.groups = groups
         self.device = device
         self.guard = guard
         self.norm = engine_grad_norm(engine, groups)
         self.counts_loss = engine.is_last_stage() and groups.tp_rank == 0
+        self.loss: DecoderLoss = engine.module.loss_fn
 
     def _iter(self, micro_batches: Sequence[Any]) -> Iterator[MicroBatch]:
         return iter([(mb.tokens.to(self.device), mb.targets.to(self.device)) for mb in micro_batches])
-
-    def _loss_share(self) -> tuple[float, int]:
-        if not self.counts_loss:
-            return 0.0, 0
-        return float(self.engine.total_loss) / self.engine.gradient_accumulation_steps(), 1
 
     def run(self, micro_batches: Sequence[Any], before_update: Callable[[], None]) -> tuple[dict[str, float], float]:
         eng = self.engine
         n = len(micro_batches)
         if eng.gradient_accumulation_steps() != n:
             eng.set_train_batch_size(micro_batches[0].tokens.shape[0] * n * eng.dp_world_size)
+        ignore = self.loss.cfg.ignore_index
+        total = global_token_count(
+            sum(count_targets(mb.targets, ignore) for mb in micro_batches), self.groups.dp, self.device
+        )
+        self.loss.begin(n * eng.dp_world_size / total)
         before_update()  # the step's lr and weight decay, in the groups the engine steps with
         if isinstance(self.norm, PipelineGradNorm):
             self.norm.reset()
-        self.guard.arm(self._loss_share, self.norm)
+        self.guard.arm(lambda: self.loss.take(self.counts_loss, n), self.norm)
         eng.train_batch(self._iter(micro_batches))
-        verdict = self.guard.conclude()  # the global mean loss (the engine's own is the same mean, reduced later)
-        return {"loss": verdict.loss}, verdict.grad_norm
+        verdict = self.guard.conclude()  # the global token mean (the engine's own is a mean of means)
+        return {"loss": verdict.loss, **(verdict.parts or {})}, verdict.grad_norm
 
-    def evaluate(self, batches: Sequence[Any]) -> float:
-        """Mean loss over ``batches`` (one micro-batch each), through the pipeline; the same on every rank. A
-        short last batch is padded to the micro-batch size (:func:`pad_micro_batch`): the engine fixes the
-        activation shapes it sends between stages at its first use, so another shape would fail on one stage while
-        the others wait for it."""
-        micro, ignore = self.engine.train_micro_batch_size_per_gpu(), self.engine.module.cfg.ignore_index
-        losses = []
+    def evaluate(self, batches: Sequence[Any]) -> LossSums:
+        """This rank's validation loss sums over ``batches`` (one micro-batch each), through the pipeline (the
+        last stage's; the trainer adds them over the replicas). A short last batch is padded to the micro-batch size
+        (:func:`pad_micro_batch`): the engine fixes the activation shapes it sends between stages at its first use,
+        so another shape would fail on one stage while the others wait for it."""
+        micro, ignore = self.engine.train_micro_batch_size_per_gpu(), self.loss.cfg.ignore_index
+        self.loss.begin(1.0)
         for mb in batches:
             x, y = pad_micro_batch(mb.tokens, mb.targets, micro, ignore)
-            out = self.engine.eval_batch(iter([(x.to(self.device), y.to(self.device))]), num_micro_batches=1)
-            losses.append(float(out))
-        return sum(losses) / len(losses)
+            self.engine.eval_batch(iter([(x.to(self.device), y.to(self.device))]), num_micro_batches=1)
+        return self.loss.take(self.counts_loss, len(batches))
 
 
 def pad_micro_batch(

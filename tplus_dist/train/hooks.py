@@ -5,6 +5,7 @@ A hook sees the trainer and the step's metrics dict; hooks run in order, so an e
 
 from __future__ import annotations
 
+import time
 from typing import TYPE_CHECKING, Any
 
 from tqdm import tqdm
@@ -27,7 +28,7 @@ class Hook:
 
 
 class EvalHook(Hook):
-    """Validation loss every ``interval`` steps and after the last one."""
+    """Validation loss every ``interval`` steps and after the last one, with its wall time (``time/eval``, s)."""
 
     def __init__(self, interval: int) -> None:
         self.interval = interval
@@ -35,7 +36,9 @@ class EvalHook(Hook):
     def on_step_end(self, trainer: Trainer, metrics: dict[str, Any]) -> None:
         step = trainer.state.step
         if self.interval and (step % self.interval == 0 or step == trainer.total_steps):
+            t0 = time.perf_counter()
             metrics["val_loss"] = trainer.evaluate()
+            metrics["time/eval"] = time.perf_counter() - t0
 
 
 class MetricsFileHook(Hook):
@@ -49,9 +52,10 @@ class MetricsFileHook(Hook):
         self.writer.close()
 
 
-def format_metrics(m: dict[str, Any]) -> str:
+def format_metrics(m: dict[str, Any], tokens_per_s: float | None = None) -> str:
+    """One console line; ``tokens_per_s`` (default: the step's own) is the rate shown."""
     parts = [f"step {m['step']}", f"loss {m['loss']:.4f}", f"lr {m['lr']:.2e}", f"gnorm {m['grad_norm']:.3f}"]
-    parts.append(f"{m['tokens_per_s']:,.0f} tok/s")
+    parts.append(f"{m['tokens_per_s'] if tokens_per_s is None else tokens_per_s:,.0f} tok/s")
     if m.get("mfu") is not None:
         parts.append(f"MFU {100 * m['mfu']:.1f}%")
     if "val_loss" in m:
@@ -62,12 +66,16 @@ def format_metrics(m: dict[str, Any]) -> str:
 
 
 class ConsoleHook(Hook):
-    """A tqdm bar (rate and ETA) with the latest loss; a full line every ``interval`` steps."""
+    """A tqdm bar (rate and ETA) with the latest loss; a full line every ``interval`` steps. A line's tok/s is the
+    training rate since the previous line: the tokens of those steps over their ``time/data + time/step`` (the
+    batches' waiting and the steps; evaluation and checkpoint saves, timed apart, excluded)."""
 
     def __init__(self, interval: int, progress: bool = True) -> None:
         self.interval = interval
         self.progress = progress
         self.bar: tqdm[Any] | None = None
+        self._tokens = 0
+        self._seconds = 0.0
 
     def on_fit_start(self, trainer: Trainer) -> None:
         if self.progress:
@@ -77,6 +85,8 @@ class ConsoleHook(Hook):
 
     def on_step_end(self, trainer: Trainer, metrics: dict[str, Any]) -> None:
         step = trainer.state.step
+        self._tokens += int(metrics.get("batch_size", 0)) * trainer.seq_len
+        self._seconds += float(metrics.get("time/data", 0.0)) + float(metrics.get("time/step", 0.0))
         if self.bar is not None:
             self.bar.update(1)
             self.bar.set_postfix(loss=f"{metrics['loss']:.3f}", refresh=False)
@@ -87,7 +97,8 @@ class ConsoleHook(Hook):
             or "val_loss" in metrics
             or metrics.get("skipped")
         ):
-            line = format_metrics(metrics)
+            line = format_metrics(metrics, self._tokens / self._seconds if self._seconds > 0 else None)
+            self._tokens, self._seconds = 0, 0.0
             if self.bar is not None:
                 self.bar.write(line)
             else:

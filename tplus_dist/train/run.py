@@ -190,13 +190,19 @@ def build_data(cfg: RunConfig, dp_size: int = 1, dp_rank: int = 0) -> Data:
     )
     val = None
     if manifest["splits"].get("val", {}).get("samples", 0) > 0 and cfg.train.eval_interval > 0:
-        val = EvalBatches(
-            open_split(shards, "val", d.cache_dir, manifest),
-            cfg.seq_len,
-            cfg.train.micro_batch_size,
-            cfg.train.eval_batches,
-            labels=use_labels,
-        )
+        try:
+            val = EvalBatches(
+                open_split(shards, "val", d.cache_dir, manifest),
+                cfg.seq_len,
+                cfg.train.micro_batch_size,
+                cfg.train.eval_samples,
+                labels=use_labels,
+                dp_size=dp_size,
+                dp_rank=dp_rank,
+                ignore_index=cfg.model.ignore_index,
+            )
+        except ValueError as e:
+            raise ConfigError("train.eval_samples", f"{e} at {shards}") from None
     return Data(train, val, shards, manifest)
 
 
@@ -508,9 +514,11 @@ def build_trainer(cfg: RunConfig, run_dir: Path | None = None, stop: Any = None)
     if engine is not None:
         from tplus_dist.parallel.engine import EngineStep, EngineStepRunner
 
-        def loss_fn(_engine: torch.nn.Module, mb: tuple[torch.Tensor, ...]) -> torch.Tensor:
+        def loss_fn(
+            _engine: torch.nn.Module, mb: tuple[torch.Tensor, ...]
+        ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
             labels = mb[2] if len(mb) > 2 else None  # (tokens, targets, labels)
-            return trainer.loss_on(mb[0].to(device), mb[1].to(device), labels)[0]
+            return trainer.loss_on(mb[0].to(device), mb[1].to(device), labels)
 
         if layout.groups.dims.pp > 1 and (layout.groups.dims.vpp or 1) > 1:
             from tplus_dist.parallel.interleaved import InterleavedChunks, InterleavedStepRunner
@@ -523,7 +531,7 @@ def build_trainer(cfg: RunConfig, run_dir: Path | None = None, stop: Any = None)
 
             trainer.runner = PipelineStepRunner(engine, layout.groups, device, trainer.guard)
         else:
-            step = EngineStep(engine, loss_fn, layout.groups.dp)
+            step = EngineStep(engine, loss_fn, layout.groups.dp, ignore_index=cfg.model.ignore_index)
             trainer.runner = EngineStepRunner(step, trainer.guard, counts_loss=layout.groups.tp_rank == 0)
     trainer.layout = layout
     trainer.checkpoints, trainer.run_locks = manager, start.locks

@@ -19,6 +19,7 @@ from tplus_dist.data.loader import MicroBatch, StepBatch
 from tplus_dist.model.loss import lm_loss
 from tplus_dist.optim import clip_grad_norm
 from tplus_dist.optim.guard import StepGuard, gradient_fault
+from tplus_dist.token_mean import LossSums, all_reduce_sums, count_targets
 from tplus_dist.train.hooks import Hook
 from tplus_dist.train.metrics import mfu
 
@@ -46,9 +47,12 @@ class LRScheduler(Protocol):
 class StepRunner(Protocol):
     """How one optimizer step's micro-batches become an update: plain PyTorch in one process (LocalStepRunner),
     or a DeepSpeed engine across data-parallel ranks (parallel.engine.EngineStepRunner). ``before_update`` writes
-    the step's learning rate and weight decay. A runner arms the trainer's StepGuard (where this rank's loss and the
-    global norm come from), steps (the optimizer's step asks the guard), and concludes the guard; returns the step's
-    mean loss terms and the pre-clip grad norm, the loss and norm being the guard's (what it decided on)."""
+    the step's learning rate and weight decay. A runner arms the trainer's StepGuard (where this rank's loss sums and
+    the global norm come from), steps (the optimizer's step asks the guard), and concludes the guard; returns the
+    step's loss terms (``loss``, ``ce``, ``z_loss``: means over every target that counts in the step, on every rank;
+    token_mean.py) and the pre-clip grad norm, the loss and norm being the guard's (what it decided on). Micro-batch
+    ``j`` is back-propagated with weight count_j / N (its counted targets over the step's, all ranks), so the
+    gradient is that of the token mean."""
 
     def run(
         self, micro_batches: list[MicroBatch], before_update: Callable[[], None]
@@ -56,8 +60,8 @@ class StepRunner(Protocol):
 
 
 class LocalStepRunner:
-    """One process: backward each micro-batch (scaled by 1/n: the mean of equal-sized micro-batch means is the
-    global mean), clip the global norm, step."""
+    """One process: backward each micro-batch weighted by its share of the step's counted targets (token_mean.py),
+    clip the global norm, step."""
 
     def __init__(self, trainer: Trainer) -> None:
         self.trainer = trainer
@@ -65,17 +69,18 @@ class LocalStepRunner:
     def run(self, micro_batches: list[MicroBatch], before_update: Callable[[], None]) -> tuple[dict[str, float], float]:
         t = self.trainer
         t.optimizer.zero_grad(set_to_none=True)
-        totals: dict[str, float] = {}
-        n = len(micro_batches)
-        for mb in micro_batches:
-            for k, v in t.forward_backward_step(mb.tokens, mb.targets, 1.0 / n, mb.labels).items():
-                totals[k] = totals.get(k, 0.0) + v / n
+        ignore = t.cfg.model.ignore_index
+        counts = [count_targets(mb.targets, ignore) for mb in micro_batches]
+        total = max(sum(counts), 1)
+        share = LossSums()
+        for mb, count in zip(micro_batches, counts, strict=True):
+            share.add(t.forward_backward_step(mb.tokens, mb.targets, count / total, mb.labels), count)
         grad_norm = clip_grad_norm(t.model.parameters(), t.cfg.optim.grad_clip)  # (nan: gradients become nan)
-        t.guard.arm(lambda: (totals["loss"], 1), lambda: grad_norm)
+        t.guard.arm(lambda: share, lambda: grad_norm)
         before_update()
         t.optimizer.step()  # the guard's: no update when the step is bad
         verdict = t.guard.conclude()
-        return {**totals, "loss": verdict.loss}, verdict.grad_norm
+        return {"loss": verdict.loss, **(verdict.parts or {})}, verdict.grad_norm
 
 
 @dataclass
@@ -187,12 +192,16 @@ class Trainer:
         return {"loss": loss.item(), **{k: v.item() for k, v in parts.items()}}
 
     def train_step(self) -> dict[str, Any]:
-        """One optimizer step over this step's micro-batches (their number grows with the batch ramp)."""
+        """One optimizer step over this step's micro-batches (their number grows with the batch ramp). Its times:
+        ``time/data`` waiting for the batch, ``time/step`` the forward, backward and update; ``tokens_per_s`` and
+        ``mfu`` are the step's own (tokens / time/step): evaluation and checkpoint saves are timed apart
+        (``time/eval``, ``time/checkpoint``, added by their hooks)."""
         self.model.train()
         t0 = time.perf_counter()
         faults.set_step(self.state.step + 1)
         batch = self.train_data.next_step()
         faults.inject("data")
+        t1 = time.perf_counter()
         n_tokens = batch.global_batch * self.seq_len
         step, tokens = self.state.step, self.state.tokens
         self.guard.begin(step + 1)
@@ -205,15 +214,17 @@ class Trainer:
             remove_fault()
         verdict = self.guard.last
         assert verdict is not None and verdict.step == step + 1, "the step runner did not conclude the StepGuard"
+        if not self.cfg.model.z_loss:
+            totals.pop("z_loss", None)  # (no such term)
         lr = self.scheduler.get_lr()
         if self.device.type == "cuda":
             torch.cuda.synchronize(self.device)
-        dt = time.perf_counter() - t0
+        t2 = time.perf_counter()
         # a skipped step still consumes its batch and advances the clocks: a retry would meet the same batch
         self.state.step += 1
         self.state.tokens += n_tokens
         self.guard.check_limit()  # too many skips in a row: stop before any hook saves or logs this step
-        tok_s = n_tokens / dt
+        tok_s = n_tokens / (t2 - t1)
         return {
             **totals,
             "lr": lr,
@@ -227,27 +238,41 @@ class Trainer:
             "batch_size": batch.global_batch,
             "first_sample": batch.first_sample,
             "last_sample": batch.last_sample,
-            "step_time": dt,
+            "time/data": t1 - t0,
+            "time/step": t2 - t1,
             "tokens_per_s": tok_s,
             "mfu": mfu(tok_s, self.flops_per_token, self.peak_flops, self.n_devices) if self.flops_per_token else None,
         }
 
     @torch.no_grad()
     def evaluate(self) -> float:
-        """Mean validation loss over the validation batches (the same batches every time)."""
+        """The validation loss: the mean over every target token of the validation set (train.eval_samples), the
+        same set and the same value (to rounding) in every layout. Each data-parallel replica evaluates its share of
+        the batches (data.loader.EvalBatches); the per-token sums are added over the replicas (token_mean.py). The
+        loss includes the z-loss term when model.z_loss is set, like the training loss."""
         if self.val_data is None:
             return float("nan")
         faults.inject("eval")
         run_eval = getattr(self.runner, "evaluate", None)  # a pipeline evaluates through its schedule
         if callable(run_eval):
-            return float(run_eval(list(self.val_data)))
-        self.model.eval()
-        losses = [
-            self.loss_on(mb.tokens.to(self.device), mb.targets.to(self.device), mb.labels)[0].item()
-            for mb in self.val_data
-        ]
-        self.model.train()
-        return sum(losses) / len(losses)
+            share = run_eval(list(self.val_data))
+        else:
+            self.model.eval()
+            ignore = self.cfg.model.ignore_index
+            share = LossSums(counts=self.counts_loss)
+            for mb in self.val_data:
+                loss, parts = self.loss_on(mb.tokens.to(self.device), mb.targets.to(self.device), mb.labels)
+                means = {"loss": loss.item(), **{k: v.item() for k, v in parts.items()}}
+                share.add(means, count_targets(mb.targets, ignore))
+            self.model.train()
+        return all_reduce_sums(share, self.device).means()["loss"]
+
+    @property
+    def counts_loss(self) -> bool:
+        """Whether this rank's losses enter a mean over ranks: one rank per data-parallel replica (tensor-parallel
+        rank 0; a pipeline's runner says which of its ranks)."""
+        groups = getattr(self.layout, "groups", None)
+        return groups is None or groups.tp_rank == 0
 
     # ------------------------------------------------------------------ state
     def state_dict(self) -> dict[str, Any]:
