@@ -343,10 +343,15 @@ def test_a_second_job_on_a_running_run_stops_at_once_naming_the_holder(tmp_path:
     first = tplus_train(run_dir, *SAVE_EVERY_2, fault="data:hang:step=3")  # saved step 2, then stuck in step 3
     try:
         deadline = time.monotonic() + 120
-        while not (run_dir / "checkpoints" / "latest").is_file():
+        metrics_file = run_dir / "metrics.jsonl"
+
+        def saved_and_logged() -> bool:  # the save's own metrics line follows `latest`: wait for both
+            return (run_dir / "checkpoints" / "latest").is_file() and "checkpoint_s" in metrics_file.read_text()
+
+        while not saved_and_logged():
             assert first.poll() is None and time.monotonic() < deadline, first.communicate()[0][-3000:]
             time.sleep(0.2)
-        metrics = (run_dir / "metrics.jsonl").read_text()
+        metrics = metrics_file.read_text()
         args = ["train", "configs/tiny.yaml", *BASE, f"--log.run_dir={run_dir}", *SAVE_EVERY_2]
         assert main(args) == 2
         err = capsys.readouterr().err
