@@ -35,6 +35,7 @@ import torch
 
 from tplus_dist.config.base import ConfigError, from_dict, to_dict
 from tplus_dist.config.model import ModelConfig
+from tplus_dist.fsutil import respect_umask
 from tplus_dist.model import Decoder, build_model
 
 STASH_KEY = "tplus_dist_model"
@@ -58,8 +59,9 @@ class HFLoadError(ValueError):
 _ARCHITECTURE_FIELDS = [
     "vocab_size", "n_layers", "d_model", "n_heads", "n_kv_heads", "head_dim", "d_ff", "seq_len", "norm", "norm_eps",
     "norm_bias", "norm_placement", "embed_norm", "final_norm", "position", "rope_theta", "rope_fraction", "qk_norm",
-    "softmax_scale", "attn_softcap", "softmax_off_by_one", "sliding_window", "layer_pattern", "activation",
-    "linear_bias", "block", "tie_embeddings", "embed_scale", "output_logit_scale", "final_logit_softcap",
+    "qk_norm_scope", "qkv_bias", "softmax_scale", "attn_softcap", "softmax_off_by_one", "sliding_window",
+    "layer_pattern", "activation", "linear_bias", "block", "tie_embeddings", "embed_scale", "output_logit_scale",
+    "final_logit_softcap",
 ]  # fmt: skip
 FIELD_HANDLING: dict[str, str] = {
     **dict.fromkeys(_ARCHITECTURE_FIELDS, "architecture: checked against each family's Spec and translated"),
@@ -182,31 +184,41 @@ class _Rules:
     def add(self, *rules: Rule) -> None:
         self.out.extend(rules)
 
-    def linear(self, hf: str, ours: str, n_out: int, hf_bias: bool, conv1d: bool = False) -> None:
+    def linear(
+        self, hf: str, ours: str, n_out: int, hf_bias: bool, conv1d: bool = False, ours_bias: bool | None = None
+    ) -> None:
+        """``ours_bias``: whether our linear has a bias (default: linear_bias)."""
         self.add((_transposed if conv1d else _same)(f"{hf}.weight", f"{ours}.weight"))
-        if self.cfg.linear_bias:
+        if self.cfg.linear_bias if ours_bias is None else ours_bias:
             self.add(_same(f"{hf}.bias", f"{ours}.bias"))
         elif hf_bias:
-            self.add(_zeros(f"{hf}.bias", (n_out,), "the model has linear_bias=false"))
+            self.add(_zeros(f"{hf}.bias", (n_out,), "the model has no bias there (linear_bias / qkv_bias false)"))
 
-    def attention(self, hf: str, layer: str, names: tuple[str, str, str, str], hf_bias: bool) -> None:
-        """Separate q, k, v, o projections, named ``names`` under ``hf``."""
-        outs = (self.q_out, self.kv_out, self.kv_out, self.cfg.d_model)
-        for name, ours, n in zip(names, ("wq", "wk", "wv", "wo"), outs, strict=True):
-            self.linear(f"{hf}.{name}", f"{layer}.attn.{ours}", n, hf_bias)
+    def attention(
+        self, hf: str, layer: str, names: tuple[str, str, str, str], hf_bias: bool, hf_out_bias: bool | None = None
+    ) -> None:
+        """Separate q, k, v, o projections, named ``names`` under ``hf``; ``hf_bias``: HF's q, k, v (and, unless
+        ``hf_out_bias`` says otherwise, o) have biases. Ours has them on q, k, v with linear_bias or qkv_bias."""
+        cfg = self.cfg
+        outs = (self.q_out, self.kv_out, self.kv_out, cfg.d_model)
+        hf_biases = (hf_bias, hf_bias, hf_bias, hf_bias if hf_out_bias is None else hf_out_bias)
+        ours_biases = (*(cfg.linear_bias or cfg.qkv_bias,) * 3, cfg.linear_bias)
+        for name, ours, n, hb, ob in zip(names, ("wq", "wk", "wv", "wo"), outs, hf_biases, ours_biases, strict=True):
+            self.linear(f"{hf}.{name}", f"{layer}.attn.{ours}", n, hb, ours_bias=ob)
 
     def qkv(self, hf: str, layer: str, fuse: Callable[[str, tuple[str, ...], bool], Rule], hf_bias: bool) -> None:
         """q, k, v fused into the one HF linear ``hf``; ``fuse(name, ours, is_weight)`` makes the layout's rule."""
         ours = tuple(f"{layer}.attn.{w}" for w in ("wq", "wk", "wv"))
         self.add(fuse(f"{hf}.weight", tuple(f"{o}.weight" for o in ours), True))
-        if self.cfg.linear_bias:
+        if self.cfg.linear_bias or self.cfg.qkv_bias:
             self.add(fuse(f"{hf}.bias", tuple(f"{o}.bias" for o in ours), False))
         elif hf_bias:
             self.add(_zeros(f"{hf}.bias", (self.q_out + 2 * self.kv_out,), "the model has linear_bias=false"))
 
-    def norm(self, hf: str, ours: str, kind: str = "main") -> None:
+    def norm(self, hf: str, ours: str, kind: str = "main", dim: int | None = None) -> None:
         """kind main / qk: as cfg says (norm or qk_norm, norm_bias, unit offset); embed: BLOOM's embedding norm,
-        always a biased LayerNorm. HF LayerNorms always have a bias, written as zeros when ours has none."""
+        always a biased LayerNorm. HF LayerNorms always have a bias, written as zeros when ours has none. ``dim``:
+        the features (default d_model, or head_dim for qk)."""
         cfg = self.cfg
         embed = kind == "embed"
         self.add(_gain(f"{hf}.weight", f"{ours}.weight", cfg.norm_unit_offset and not embed, self.hf_unit_offset))
@@ -215,7 +227,7 @@ class _Rules:
         if embed or cfg.norm_bias:
             self.add(_same(f"{hf}.bias", f"{ours}.bias"))
         else:
-            dim = cfg.dim_head if kind == "qk" else cfg.d_model
+            dim = dim or (cfg.dim_head if kind == "qk" else cfg.d_model)
             self.add(_zeros(f"{hf}.bias", (dim,), "the model has norm_bias=false"))
 
     def vocab(self, hf: str, ours: str) -> None:
@@ -246,7 +258,9 @@ class Spec:
     partial_rope: bool = False
     activation: tuple[str, ...] = ("swiglu", "geglu", "geglu_tanh", "reglu")
     qk_norm: tuple[str, ...] = ("none",)
+    qk_norm_scope: tuple[str, ...] = ("head",)
     linear_bias: tuple[bool, ...] = (False,)
+    qkv_bias: tuple[bool, ...] = (False,)
     gqa: bool = True
     free_head_dim: bool = True
     sliding: str = "none"
@@ -256,6 +270,10 @@ class Spec:
     attn_softcap: bool = False
     final_logit_softcap: bool = False
     embed_scale: bool = False
+    free_embed_scale: bool = False
+    """Either embed_scale (Granite's embedding_multiplier); otherwise exactly ``embed_scale``."""
+    logit_mult: bool = False
+    """Any output-logit multiplier (output_logit_scale, muP's): Granite's logits_scaling."""
     embed_norm: bool = False
     final_norm: tuple[bool, ...] = (True,)
     ffn_4x: bool = False
@@ -561,22 +579,36 @@ BLOOM = Family(
 )
 
 
-# -- the Llama family: Llama, Mistral, Ministral, Qwen 3, Gemma, Gemma 2, Gemma 3
+# -- the Llama family: Llama, Mistral, Ministral, Qwen2, Qwen 3, Gemma, Gemma 2, Gemma 3, OLMo 2
 def _llama_like_rules(
-    cfg: ModelConfig, *, unit_offset: bool = False, qk_norm: bool = False, sandwich: bool = False
+    cfg: ModelConfig,
+    *,
+    unit_offset: bool = False,
+    qk_norm: bool = False,
+    sandwich: bool = False,
+    reordered: bool = False,
+    qkv_bias: bool = False,
 ) -> list[Rule]:
+    """``qkv_bias``: HF's q, k, v always have biases, o and the MLP none (Qwen2); ``reordered``: OLMo 2's norms
+    after each sublayer and no input norms; ``qk_norm`` follows cfg.qk_norm_scope (per head or the projection)."""
     r = _Rules(cfg, hf_unit_offset=unit_offset)
     b = cfg.linear_bias
     r.vocab("model.embed_tokens.weight", "embed.weight")
+    whole = cfg.qk_norm_scope == "projection"
     for i in range(cfg.n_layers):
         h, o = f"model.layers.{i}", f"layers.{i}"
-        r.attention(f"{h}.self_attn", o, ("q_proj", "k_proj", "v_proj", "o_proj"), hf_bias=b)
+        names = ("q_proj", "k_proj", "v_proj", "o_proj")
+        r.attention(f"{h}.self_attn", o, names, hf_bias=b or qkv_bias, hf_out_bias=b)
         if qk_norm:
-            r.norm(f"{h}.self_attn.q_norm", f"{o}.attn.q_norm", "qk")
-            r.norm(f"{h}.self_attn.k_norm", f"{o}.attn.k_norm", "qk")
+            r.norm(f"{h}.self_attn.q_norm", f"{o}.attn.q_norm", "qk", r.q_out if whole else None)
+            r.norm(f"{h}.self_attn.k_norm", f"{o}.attn.k_norm", "qk", r.kv_out if whole else None)
         for hw, ow in (("gate_proj", "w_gate"), ("up_proj", "w_up")):
             r.linear(f"{h}.mlp.{hw}", f"{o}.mlp.{ow}", r.ffn, hf_bias=b)
         r.linear(f"{h}.mlp.down_proj", f"{o}.mlp.w_down", cfg.d_model, hf_bias=b)
+        if reordered:  # OLMo 2 names: post_attention_layernorm normalizes the attention output
+            r.norm(f"{h}.post_attention_layernorm", f"{o}.post_attn_norm")
+            r.norm(f"{h}.post_feedforward_layernorm", f"{o}.post_mlp_norm")
+            continue
         r.norm(f"{h}.input_layernorm", f"{o}.norm1")
         if sandwich:  # Gemma 2 names: post_attention_layernorm is the post-norm of the attention output
             r.norm(f"{h}.post_attention_layernorm", f"{o}.post_attn_norm")
@@ -636,6 +668,26 @@ MINISTRAL = Family(
     to_hf=_layer_types,
     from_hf=lambda hf: _windows_from_hf(hf, [t == "sliding_attention" for t in hf.layer_types]),
     rules=_llama_like_rules,
+    dropout=_ATTN_DROPOUT,
+)
+
+
+def _qwen2_to_hf(cfg: ModelConfig) -> dict[str, Any]:
+    return {"rope_scaling": None, "use_sliding_window": any(_local(cfg)), **_layer_types(cfg)}
+
+
+# Qwen2 (HF modeling_qwen2.py): Llama with biases on q, k and v only (none on o or the MLP), tied or untied
+QWEN2 = Family(
+    model_type="qwen2",
+    arch="Qwen2ForCausalLM",
+    spec=Spec(norm="rmsnorm", qkv_bias=(True, False), sliding="any"),
+    keys=Keys(),
+    to_hf=_qwen2_to_hf,
+    from_hf=lambda hf: {
+        "qkv_bias": True,
+        **_windows_from_hf(hf, [t == "sliding_attention" for t in hf.layer_types]),
+    },
+    rules=lambda cfg: _llama_like_rules(cfg, qkv_bias=True),
     dropout=_ATTN_DROPOUT,
 )
 
@@ -752,6 +804,20 @@ GEMMA3 = Family(
     rules=lambda cfg: _llama_like_rules(cfg, unit_offset=True, qk_norm=True, sandwich=True),
     dropout=_ATTN_DROPOUT,
     skip_compare=_gemma3_skip,
+)
+
+
+# OLMo 2 (arXiv 2501.00656; HF modeling_olmo2.py): RMSNorm after each sublayer, before the residual add, and no
+# input norms (norm_placement reordered); QK-norm over the whole q and k projections (qk_norm_scope projection)
+OLMO2 = Family(
+    model_type="olmo2",
+    arch="Olmo2ForCausalLM",
+    spec=Spec(norm="rmsnorm", norm_placement=("reordered",), qk_norm=("rmsnorm",), qk_norm_scope=("projection",)),
+    keys=Keys(),
+    to_hf=lambda cfg: {"attention_bias": False, "rope_scaling": None},
+    from_hf=lambda hf: {},
+    rules=lambda cfg: _llama_like_rules(cfg, qk_norm=True, reordered=True),
+    dropout=_ATTN_DROPOUT,
 )
 
 
@@ -872,6 +938,170 @@ GPT_NEOX = Family(
     ignore=(r"\.attention\.(masked_)?bias$", r"rotary_emb\.inv_freq$"),
 )
 
+# -- OLMo 3 (HF modeling_olmo3.py): OLMo 2 with per-layer sliding windows
+OLMO3 = Family(
+    model_type="olmo3",
+    arch="Olmo3ForCausalLM",
+    spec=replace(OLMO2.spec, sliding="any"),
+    keys=Keys(),
+    to_hf=lambda cfg: {"attention_bias": False, "rope_scaling": None, **_layer_types(cfg)},
+    from_hf=lambda hf: _windows_from_hf(hf, [t == "sliding_attention" for t in hf.layer_types]),
+    rules=lambda cfg: _llama_like_rules(cfg, qk_norm=True, reordered=True),
+    dropout=_ATTN_DROPOUT,
+)
+
+
+# -- Phi-3 (HF modeling_phi3.py): Llama with q, k, v fused into qkv_proj and gate, up into gate_up_proj; partial rotary
+def _phi3_rules(cfg: ModelConfig) -> list[Rule]:
+    r = _Rules(cfg)
+    r.vocab("model.embed_tokens.weight", "embed.weight")
+    for i in range(cfg.n_layers):
+        h, o = f"model.layers.{i}", f"layers.{i}"
+        r.qkv(f"{h}.self_attn.qkv_proj", o, lambda n, ours, w: _fused(n, ours, [r.q_out, r.kv_out, r.kv_out]), False)
+        r.linear(f"{h}.self_attn.o_proj", f"{o}.attn.wo", cfg.d_model, hf_bias=False)
+        r.add(_fused(f"{h}.mlp.gate_up_proj.weight", (f"{o}.mlp.w_gate.weight", f"{o}.mlp.w_up.weight"), [r.ffn] * 2))
+        r.linear(f"{h}.mlp.down_proj", f"{o}.mlp.w_down", cfg.d_model, hf_bias=False)
+        r.norm(f"{h}.input_layernorm", f"{o}.norm1")
+        r.norm(f"{h}.post_attention_layernorm", f"{o}.norm2")
+    r.norm("model.norm", "final_norm")
+    r.head("lm_head.weight")
+    return r.out
+
+
+PHI3 = Family(
+    model_type="phi3",
+    arch="Phi3ForCausalLM",
+    spec=Spec(norm="rmsnorm", partial_rope=True, free_head_dim=False),
+    keys=Keys(head_dim=None),
+    to_hf=lambda cfg: {
+        "partial_rotary_factor": _rotary_factor(cfg.rope_dim, cfg.dim_head),
+        "rope_scaling": None,
+        "sliding_window": None,
+    },
+    from_hf=lambda hf: {"rope_fraction": hf.partial_rotary_factor},
+    rules=_phi3_rules,
+    dropout={"embd_pdrop": ("embed_dropout",), "resid_pdrop": ("resid_dropout",), **_ATTN_DROPOUT},
+)
+
+
+# -- StableLM (HF modeling_stablelm.py): LayerNorm with gated MLPs, partial rotary, optional biases on q, k, v only,
+# serial or parallel block (the parallel one with one norm, as ours)
+def _stablelm_rules(cfg: ModelConfig) -> list[Rule]:
+    r = _Rules(cfg)
+    r.vocab("model.embed_tokens.weight", "embed.weight")
+    for i in range(cfg.n_layers):
+        h, o = f"model.layers.{i}", f"layers.{i}"
+        names = ("q_proj", "k_proj", "v_proj", "o_proj")
+        r.attention(f"{h}.self_attn", o, names, hf_bias=cfg.qkv_bias, hf_out_bias=False)
+        for hw, ow in (("gate_proj", "w_gate"), ("up_proj", "w_up")):
+            r.linear(f"{h}.mlp.{hw}", f"{o}.mlp.{ow}", r.ffn, hf_bias=False)
+        r.linear(f"{h}.mlp.down_proj", f"{o}.mlp.w_down", cfg.d_model, hf_bias=False)
+        r.norm(f"{h}.input_layernorm", f"{o}.norm1")
+        if cfg.block == "serial":
+            r.norm(f"{h}.post_attention_layernorm", f"{o}.norm2")
+    r.norm("model.norm", "final_norm")
+    r.head("lm_head.weight")
+    return r.out
+
+
+def _stablelm_from_hf(hf: Any) -> dict[str, Any]:
+    if hf.qk_layernorm:
+        raise HFLoadError("stablelm qk_layernorm=true: its QK LayerNorm has a gain per head; tplus_dist's is shared")
+    return {
+        "qkv_bias": bool(hf.use_qkv_bias),
+        "block": "parallel" if hf.use_parallel_residual else "serial",
+        "rope_fraction": hf.partial_rotary_factor,
+        "norm_bias": True,
+    }
+
+
+STABLELM = Family(
+    model_type="stablelm",
+    arch="StableLmForCausalLM",
+    spec=Spec(
+        norm="layernorm", block=("serial", "parallel"), partial_rope=True, qkv_bias=(False, True), free_head_dim=False
+    ),
+    keys=Keys(head_dim=None, norm_eps="layer_norm_eps"),
+    to_hf=lambda cfg: {
+        "use_qkv_bias": cfg.qkv_bias,
+        "qk_layernorm": False,
+        "use_parallel_residual": cfg.block == "parallel",
+        "partial_rotary_factor": _rotary_factor(cfg.rope_dim, cfg.dim_head),
+        "rope_scaling": None,
+    },
+    from_hf=_stablelm_from_hf,
+    rules=_stablelm_rules,
+    dropout={"hidden_dropout": ("resid_dropout",), **_ATTN_DROPOUT},
+)
+
+
+# -- Starcoder2 (HF modeling_starcoder2.py): LayerNorm, RoPE, GQA, a plain MLP, biases on every linear or none
+def _starcoder2_rules(cfg: ModelConfig) -> list[Rule]:
+    r = _Rules(cfg)
+    b = cfg.linear_bias
+    r.vocab("model.embed_tokens.weight", "embed.weight")
+    for i in range(cfg.n_layers):
+        h, o = f"model.layers.{i}", f"layers.{i}"
+        r.attention(f"{h}.self_attn", o, ("q_proj", "k_proj", "v_proj", "o_proj"), hf_bias=b)
+        r.linear(f"{h}.mlp.c_fc", f"{o}.mlp.w_up", r.ffn, hf_bias=b)
+        r.linear(f"{h}.mlp.c_proj", f"{o}.mlp.w_down", cfg.d_model, hf_bias=b)
+        r.norm(f"{h}.input_layernorm", f"{o}.norm1")
+        r.norm(f"{h}.post_attention_layernorm", f"{o}.norm2")
+    r.norm("model.norm", "final_norm")
+    r.head("lm_head.weight")
+    return r.out
+
+
+STARCODER2 = Family(
+    model_type="starcoder2",
+    arch="Starcoder2ForCausalLM",
+    spec=Spec(norm="layernorm", activation=PLAIN_ACTS, linear_bias=(False, True), free_head_dim=False),
+    keys=Keys(head_dim=None, norm_eps="norm_epsilon"),
+    to_hf=lambda cfg: {"use_bias": cfg.linear_bias, "rope_scaling": None, "sliding_window": None},
+    from_hf=lambda hf: {"linear_bias": bool(hf.use_bias), "norm_bias": True},
+    rules=_starcoder2_rules,
+    dropout={"embedding_dropout": ("embed_dropout",), "residual_dropout": ("resid_dropout",), **_ATTN_DROPOUT},
+)
+
+
+# -- Granite (HF modeling_granite.py): Llama with multipliers: on the embeddings, inside the softmax, on the logits
+# (and on each residual branch, which ours does not have: 1). muP models export as Granite.
+def _granite_to_hf(cfg: ModelConfig) -> dict[str, Any]:
+    return {
+        **_llama_to_hf(cfg),
+        "embedding_multiplier": math.sqrt(cfg.d_model) if cfg.embed_scale else 1.0,
+        "attention_multiplier": cfg.attn_scale,
+        "logits_scaling": 1.0 / _logit_mult(cfg),  # HF divides the logits by it
+        "residual_multiplier": 1.0,
+    }
+
+
+def _granite_from_hf(hf: Any) -> dict[str, Any]:
+    d, h = hf.hidden_size, hf.num_attention_heads
+    hd = getattr(hf, "head_dim", None) or d // h
+    if not math.isclose(hf.residual_multiplier, 1.0):
+        raise HFLoadError(f"granite residual_multiplier={hf.residual_multiplier}: tplus_dist's branches are unscaled")
+    out = _llama_from_hf(hf)
+    if math.isclose(hf.embedding_multiplier, math.sqrt(d), rel_tol=1e-9):
+        out["embed_scale"] = True
+    scale = hf.attention_multiplier
+    out["softmax_scale"] = None if math.isclose(scale, hd**-0.5, rel_tol=1e-12) else scale
+    if not math.isclose(hf.logits_scaling, 1.0) and math.isclose(hf.logits_scaling, math.sqrt(d), rel_tol=1e-9):
+        out["output_logit_scale"] = True  # valid only tied: ModelConfig.validate says so otherwise
+    return out
+
+
+GRANITE = Family(
+    model_type="granite",
+    arch="GraniteForCausalLM",
+    spec=Spec(norm="rmsnorm", linear_bias=(False, True), attn_scale="any", free_embed_scale=True, logit_mult=True),
+    keys=Keys(),
+    to_hf=_granite_to_hf,
+    from_hf=_granite_from_hf,
+    rules=_llama_like_rules,
+    dropout=_ATTN_DROPOUT,
+)
+
 FAMILIES: tuple[Family, ...] = (
     GPT2,
     OPT,
@@ -879,12 +1109,19 @@ FAMILIES: tuple[Family, ...] = (
     LLAMA,
     MISTRAL,
     MINISTRAL,
+    QWEN2,
     QWEN3,
     GEMMA,
     GEMMA2,
     GEMMA3,
     PHI,
     GPT_NEOX,
+    OLMO2,
+    OLMO3,
+    PHI3,
+    STABLELM,
+    STARCODER2,
+    GRANITE,
 )
 """Export tries them in this order and takes the first that represents the model exactly."""
 
@@ -921,13 +1158,6 @@ def _universal_blockers(cfg: ModelConfig) -> list[str]:
             "model.position=sinusoidal: no transformers decoder family adds this sinusoidal table "
             "(XGLM's differs in layout and frequencies)"
         )
-    if not math.isclose(_logit_mult(cfg), 1.0, rel_tol=1e-12):
-        why = (
-            "model.output_logit_scale=true"
-            if cfg.output_logit_scale
-            else f"model.init=mup (mup_output_mult={cfg.mup_output_mult}, width_mult={cfg.width_mult:g})"
-        )
-        out.append(f"{why}: no supported transformers family multiplies the output logits (x{_logit_mult(cfg):g})")
     return out
 
 
@@ -950,7 +1180,10 @@ def blockers(fam: Family, cfg: ModelConfig) -> list[str]:
         need(s.partial_rope or cfg.rope_dim == cfg.dim_head, "rope_fraction", "rotates the whole head")
     one_of("activation", s.activation, "activation")
     one_of("qk_norm", s.qk_norm, "qk_norm")
+    if cfg.qk_norm != "none":
+        one_of("qk_norm_scope", s.qk_norm_scope, "qk_norm_scope")
     one_of("linear_bias", s.linear_bias, "linear_bias")
+    one_of("qkv_bias", s.qkv_bias, "qkv_bias")
     need(s.gqa or cfg.kv_heads == cfg.n_heads, "n_kv_heads", "has multi-head attention only (n_kv_heads = n_heads)")
     need(s.free_head_dim or cfg.dim_head * cfg.n_heads == cfg.d_model, "head_dim", "fixes head_dim = d_model / n_heads")
     local = _local(cfg)
@@ -971,11 +1204,22 @@ def blockers(fam: Family, cfg: ModelConfig) -> list[str]:
     need(s.attn_softcap or cfg.attn_softcap is None, "attn_softcap", "has no attention soft-capping")
     need(s.final_logit_softcap or cfg.final_logit_softcap is None, "final_logit_softcap", "has no logit soft-capping")
     always = {True: "always", False: "never"}
-    need(cfg.embed_scale == s.embed_scale, "embed_scale", f"{always[s.embed_scale]} scales embeddings by sqrt(d_model)")
+    need(
+        s.free_embed_scale or cfg.embed_scale == s.embed_scale,
+        "embed_scale",
+        f"{always[s.embed_scale]} scales embeddings by sqrt(d_model)",
+    )
     need(cfg.embed_norm == s.embed_norm, "embed_norm", f"{always[s.embed_norm]} normalizes the embeddings")
     one_of("final_norm", s.final_norm, "final_norm")
     need(not s.ffn_4x or cfg.ffn_dim == 4 * cfg.d_model, "d_ff", "fixes d_ff = 4 * d_model")
     need(s.norm_eps is None or cfg.norm_eps == s.norm_eps, "norm_eps", f"fixes the norm eps at {s.norm_eps}")
+    if not s.logit_mult and not math.isclose(_logit_mult(cfg), 1.0, rel_tol=1e-12):
+        why = (
+            "model.output_logit_scale=true"
+            if cfg.output_logit_scale
+            else f"model.init=mup (mup_output_mult={cfg.mup_output_mult}, width_mult={cfg.width_mult:g})"
+        )
+        out.append(f"{why}: {n} does not multiply the output logits (x{_logit_mult(cfg):g})")
     return out + fam.check(cfg)
 
 
@@ -1063,6 +1307,7 @@ def _cfg_from_hf(fam: Family, hf: Any) -> ModelConfig:
         "tie_embeddings": bool(hf.tie_word_embeddings), "norm": s.norm, "position": s.position[0],
         "embed_norm": s.embed_norm, "embed_scale": s.embed_scale, "norm_placement": s.norm_placement[0],
         "block": s.block[0], "qk_norm": s.qk_norm[0], "final_norm": s.final_norm[0],
+        "qk_norm_scope": s.qk_norm_scope[0] if s.qk_norm[0] != "none" else "head",
     }  # fmt: skip
     if k.activation is not None:
         name = getattr(hf, k.activation)
@@ -1162,6 +1407,100 @@ def _read_tensors(folder: Path) -> dict[str, torch.Tensor]:
     return out
 
 
+# ------------------------------------------------------------------------------------------------------ tokenizer
+def _bytes_to_unicode() -> dict[int, str]:
+    """GPT-2's byte -> printable character table, the alphabet of tokenizers' ByteLevel pre-tokenizer and decoder."""
+    bs = [*range(ord("!"), ord("~") + 1), *range(ord("¡"), ord("¬") + 1), *range(ord("®"), ord("ÿ") + 1)]
+    cs = list(bs)
+    n = 0
+    for b in range(256):
+        if b not in bs:  # control bytes, space, ...: mapped past 255, to printable characters
+            bs.append(b)
+            cs.append(256 + n)
+            n += 1
+    return dict(zip(bs, map(chr, cs), strict=True))
+
+
+def _byte_level_tokenizer(eos_token: str, eos_id: int) -> Any:
+    """ByteTokenizer as a `tokenizers` Tokenizer: id b for byte b (a BPE over the 256 ByteLevel characters with no
+    merges) and ``eos_token`` at ``eos_id``."""
+    from tokenizers import AddedToken, Tokenizer, decoders, models, pre_tokenizers
+
+    vocab = {ch: b for b, ch in _bytes_to_unicode().items()}
+    tok = Tokenizer(models.BPE(vocab=vocab, merges=[]))
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)
+    tok.decoder = decoders.ByteLevel()
+    tok.add_special_tokens([AddedToken(eos_token, special=True, normalized=False)])
+    assert tok.token_to_id(eos_token) == eos_id
+    return tok
+
+
+def _tiktoken_tokenizer(tok: Any, eos_token: str) -> Any:
+    """A TiktokenTokenizer as a `tokenizers` Tokenizer: transformers' TikTokenConverter (ranks -> BPE vocab and
+    merges, the pre-tokenization regex, ByteLevel bytes), fed our parsed ranks instead of its cached download."""
+    from transformers.convert_slow_tokenizer import TikTokenConverter
+
+    from tplus_dist.data.tokenizers import load_tiktoken_ranks
+
+    ranks = load_tiktoken_ranks(tok.path)
+
+    class _Converter(TikTokenConverter):
+        def extract_vocab_merges_from_model(self, tiktoken_url: str) -> Any:
+            import tiktoken.load
+
+            real = tiktoken.load.load_tiktoken_bpe
+            tiktoken.load.load_tiktoken_bpe = lambda *_a, **_k: ranks
+            try:
+                return super().extract_vocab_merges_from_model(tiktoken_url)
+            finally:
+                tiktoken.load.load_tiktoken_bpe = real
+
+    return _Converter(
+        vocab_file=str(tok.path), pattern=tok.pat_str, additional_special_tokens={eos_token: tok.eos_id}
+    ).converted()
+
+
+def save_tokenizer(tok: Any, out_dir: str | Path, max_length: int | None = None) -> dict[str, int]:
+    """Write our tokenizer (data/tokenizers.py: ByteTokenizer, HFTokenizer from ``train:N`` or a tokenizer.json,
+    TiktokenTokenizer) as a transformers fast tokenizer into ``out_dir`` (tokenizer.json with its special tokens,
+    tokenizer_config.json, special_tokens_map.json), so that ``AutoTokenizer.from_pretrained(out_dir)`` encodes
+    text to the ids ours gives and decodes them back. Returns the special token ids for config.json and
+    generation_config.json: eos (the end-of-text token every training document ends with), bos = eos (documents
+    are packed, so each one follows an EOS: GPT-2's convention; the tokenizer adds none by itself, as ours does
+    not) and pad = eos (no padding token was trained; padded positions are masked by the attention mask).
+    ``max_length``: the model's context (the tokenizer's model_max_length).
+
+    Bytes and tiktoken encode a literal "<|endoftext|>" in the text as text (``split_special_tokens``), as ours do;
+    a tokenizer.json keeps its own special-token matching."""
+    from transformers import PreTrainedTokenizerFast
+
+    from tplus_dist.data.tokenizers import ENDOFTEXT, ByteTokenizer, HFTokenizer, TiktokenTokenizer
+
+    split_special = True
+    if isinstance(tok, ByteTokenizer):
+        fast, eos_token = _byte_level_tokenizer(ENDOFTEXT, tok.eos_id), ENDOFTEXT
+    elif isinstance(tok, TiktokenTokenizer):
+        fast, eos_token = _tiktoken_tokenizer(tok, ENDOFTEXT), ENDOFTEXT
+    elif isinstance(tok, HFTokenizer):
+        fast, split_special = tok.tok, False
+        eos_token = fast.id_to_token(tok.eos_id)
+    else:
+        raise TypeError(f"cannot write a {type(tok).__name__} as a transformers tokenizer")
+    if fast.token_to_id(eos_token) != tok.eos_id:
+        raise HFExportError(f"tokenizer: {eos_token!r} is id {fast.token_to_id(eos_token)}, ours says {tok.eos_id}")
+    wrapped = PreTrainedTokenizerFast(
+        tokenizer_object=fast,
+        eos_token=eos_token,
+        bos_token=eos_token,
+        pad_token=eos_token,
+        split_special_tokens=split_special,
+        clean_up_tokenization_spaces=False,
+        **({"model_max_length": max_length} if max_length is not None else {}),
+    )
+    wrapped.save_pretrained(str(out_dir))
+    return {"bos_token_id": tok.eos_id, "eos_token_id": tok.eos_id, "pad_token_id": tok.eos_id}
+
+
 # --------------------------------------------------------------------------------------------------- export / load
 def _family_of(model_type: str, error: type[ValueError] = HFLoadError) -> Family:
     for fam in FAMILIES:
@@ -1200,21 +1539,46 @@ def _verify(model: Decoder, cfg: ModelConfig, folder: Path) -> float:
     return diff
 
 
-def export(model: Decoder, cfg: ModelConfig, out_dir: str | Path, *, family: str | None = None) -> Path:
+def _file_stamps(folder: Path) -> dict[str, tuple[int, int, int]]:
+    """(inode, mtime, size) of each file in ``folder``: what an export wrote is what changed."""
+    out = {}
+    for p in folder.iterdir():
+        st = p.stat()
+        if p.is_file():
+            out[p.name] = (st.st_ino, st.st_mtime_ns, st.st_size)
+    return out
+
+
+def export(
+    model: Decoder, cfg: ModelConfig, out_dir: str | Path, *, family: str | None = None, tokenizer: Any = None
+) -> Path:
     """Write ``model`` to ``out_dir`` as the transformers family that computes the same function, reload it with
     AutoModelForCausalLM and check the logits agree; returns the folder. HFExportError when no family can.
 
-    ``family`` (an HF model_type, e.g. "gpt_neox") asks for that family instead of the first that fits."""
-    from transformers import AutoConfig, AutoModelForCausalLM
+    ``family`` (an HF model_type, e.g. "gpt_neox") asks for that family instead of the first that fits.
+    ``tokenizer``: the run's tokenizer (data/tokenizers.py), written beside the weights (`save_tokenizer`) with its
+    bos / eos / pad ids in config.json and generation_config.json, so that AutoTokenizer loads the folder and
+    ``generate`` stops at the end of text; without one those ids stay unset. Files get the user's umask."""
+    from transformers import AutoConfig, AutoModelForCausalLM, GenerationConfig
     from transformers.modeling_utils import no_init_weights
 
     if model.cfg != cfg:
         raise ValueError("cfg differs from model.cfg; pass the config the model was built with")
     fam = choose_family(cfg, family)
+    if tokenizer is not None and tokenizer.vocab_size > cfg.vocab_size:
+        raise HFExportError(
+            f"the tokenizer has {tokenizer.vocab_size} tokens, more than the model's vocab_size ({cfg.vocab_size})"
+        )
     kwargs = hf_config_dict(fam, cfg)
     kwargs.update(_dropout_to_hf(fam, cfg))
-    # no tokenizer travels with the weights: leave special tokens unset rather than inherit a family's defaults
-    kwargs.update(pad_token_id=None, bos_token_id=None, eos_token_id=None, architectures=[fam.arch])
+    # without a tokenizer leave special tokens unset rather than inherit a family's defaults (OLMo 2's 50279)
+    special: dict[str, int | None] = dict(pad_token_id=None, bos_token_id=None, eos_token_id=None)
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    before = _file_stamps(out)
+    if tokenizer is not None:
+        special.update(save_tokenizer(tokenizer, out, max_length=cfg.seq_len))
+    kwargs.update(special, architectures=[fam.arch])
     kwargs[STASH_KEY] = to_dict(cfg)
     hf_cfg = AutoConfig.for_model(fam.model_type, **kwargs)
     state = _to_hf_state(fam, cfg, model.state_dict())
@@ -1230,9 +1594,11 @@ def export(model: Decoder, cfg: ModelConfig, out_dir: str | Path, *, family: str
         )
     if cfg.tie_embeddings:
         hf_model.tie_weights()
-    out = Path(out_dir)
-    out.mkdir(parents=True, exist_ok=True)
+    hf_model.generation_config = GenerationConfig(**special)
     hf_model.save_pretrained(out, safe_serialization=True)
+    # safetensors writes its files 0600; every file this export wrote gets the mode an open() would give
+    after = _file_stamps(out)
+    respect_umask(*(out / n for n, stamp in after.items() if before.get(n) != stamp))
     _verify(model, cfg, out)
     return out
 
@@ -1285,4 +1651,5 @@ __all__ = [
     "choose_family",
     "export",
     "load",
+    "save_tokenizer",
 ]
