@@ -102,10 +102,10 @@ def test_export_writes_a_tokenizer_and_generate_equals_our_greedy_decoding(kind:
     hf_model = AutoModelForCausalLM.from_pretrained(out, dtype=torch.float32).eval()
     for prompt in ("The quick", "Hello"):
         ids = tok.encode(prompt)
-        with torch.no_grad():
-            got = hf_model.generate(torch.tensor([ids]), max_new_tokens=12, do_sample=False)[0].tolist()
-        assert got == greedy(model, ids, 12, tok.eos_id)
-        assert len(got) > len(ids)
+        with torch.no_grad():  # as a user calls it: the tokenizer's whole output into generate
+            got = hf_model.generate(**theirs(prompt, return_tensors="pt"), max_new_tokens=12, do_sample=False)
+        assert got[0].tolist() == greedy(model, ids, 12, tok.eos_id)
+        assert len(got[0]) > len(ids)
 
 
 def test_generate_stops_at_the_tokenizers_eos(tmp_path: Path) -> None:

@@ -95,6 +95,7 @@ def save_tokenizer(tok: Any, out_dir: str | Path, max_length: int | None = None)
         pad_token=eos_token,
         split_special_tokens=split_special,
         clean_up_tokenization_spaces=False,
+        model_input_names=["input_ids", "attention_mask"],  # no token_type_ids: generate(**tok(text)) refuses them
         **({"model_max_length": max_length} if max_length is not None else {}),
     )
     wrapped.save_pretrained(str(out_dir))
