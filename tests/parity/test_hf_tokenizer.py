@@ -108,6 +108,31 @@ def test_export_writes_a_tokenizer_and_generate_equals_our_greedy_decoding(kind:
         assert len(got[0]) > len(ids)
 
 
+def test_a_tokenizer_json_with_its_own_bos_keeps_it(tmp_path: Path) -> None:
+    """A tokenizer.json whose post-processor starts every text with "<s>" (Llama's template): ours and HF's encode
+    it alike, and <s> is the exported BOS while "</s>" is EOS."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
+
+    raw = Tokenizer(models.BPE())
+    raw.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    raw.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(
+        vocab_size=300, special_tokens=["<s>", "</s>"], initial_alphabet=pre_tokenizers.ByteLevel.alphabet()
+    )
+    raw.train_from_iterator(TEXTS * 30, trainer=trainer)
+    raw.post_processor = processors.TemplateProcessing(single="<s> $A", special_tokens=[("<s>", 0)])
+    raw.save(str(tmp_path / "tokenizer.json"))
+    tok = HFTokenizer.from_file(tmp_path / "tokenizer.json")
+    assert tok.encode("Hello")[0] == 0 and tok.eos_id == 1
+    cfg, model = model_for(tok)
+    out = hf.export(model, cfg, tmp_path / "out", tokenizer=tok)
+    config = json.loads((out / "config.json").read_text())
+    assert (config["bos_token_id"], config["eos_token_id"]) == (0, 1)
+    theirs = AutoTokenizer.from_pretrained(out)
+    assert (theirs.bos_token, theirs.eos_token) == ("<s>", "</s>")
+    assert all(theirs(t).input_ids == tok.encode(t) for t in TEXTS)
+
+
 def test_generate_stops_at_the_tokenizers_eos(tmp_path: Path) -> None:
     """A model whose every next token is EOS: HF's generate must know EOS to stop after one token."""
     tok = ByteTokenizer()

@@ -288,6 +288,17 @@ def test_export_a_checkpoint_consolidated_and_as_hugging_face(tmp_path: Path):
     assert AutoTokenizer.from_pretrained(tmp_path / "hf")("héllo").input_ids == list("héllo".encode())
 
 
+def test_export_cli_passes_the_tokenizer_option(monkeypatch):
+    import tplus_dist.checkpoint.export as export
+    from tplus_dist.cli import main
+
+    calls: list[tuple[Any, ...]] = []
+    monkeypatch.setattr(export, "export_checkpoint", lambda *a: calls.append(a))
+    assert main(["export", "ck", "--format", "hf", "out", "--tokenizer", "bytes"]) == 0
+    assert main(["export", "ck", "out2", "--tokenizer=data/tok.json", "--family=qwen2"]) == 0
+    assert [c[2:] for c in calls] == [(Path("out"), None, "bytes"), (Path("out2"), "qwen2", "data/tok.json")]
+
+
 def test_export_finds_a_trained_tokenizer_beside_the_runs_shards(tmp_path: Path):
     from tplus_dist.checkpoint.export import run_tokenizer
     from tplus_dist.data.prepare import prepare

@@ -67,7 +67,8 @@ def save_tokenizer(tok: Any, out_dir: str | Path, max_length: int | None = None)
     text to the ids ours gives and decodes them back. Returns the special token ids for config.json and
     generation_config.json: eos (the end-of-text token every training document ends with), bos = eos (documents
     are packed, so each one follows an EOS: GPT-2's convention; the tokenizer adds none by itself, as ours does
-    not) and pad = eos (no padding token was trained; padded positions are masked by the attention mask).
+    not), unless a tokenizer.json's post-processor adds its own BOS to every text (then that one), and pad = eos
+    (no padding token was trained; padded positions are masked by the attention mask).
     ``max_length``: the model's context (the tokenizer's model_max_length).
 
     Bytes and tiktoken encode a literal "<|endoftext|>" in the text as text (``split_special_tokens``), as ours do;
@@ -76,7 +77,7 @@ def save_tokenizer(tok: Any, out_dir: str | Path, max_length: int | None = None)
 
     from tplus_dist.data.tokenizers import ENDOFTEXT, ByteTokenizer, HFTokenizer, TiktokenTokenizer
 
-    split_special = True
+    split_special, bos_id = True, tok.eos_id
     if isinstance(tok, ByteTokenizer):
         fast, eos_token = _byte_level_tokenizer(ENDOFTEXT, tok.eos_id), ENDOFTEXT
     elif isinstance(tok, TiktokenTokenizer):
@@ -84,6 +85,10 @@ def save_tokenizer(tok: Any, out_dir: str | Path, max_length: int | None = None)
     elif isinstance(tok, HFTokenizer):
         fast, split_special = tok.tok, False
         eos_token = fast.id_to_token(tok.eos_id)
+        # a tokenizer.json whose post-processor starts every text with its own BOS (Llama's "<s> $A") trained the
+        # model with it: that token is the BOS
+        start = fast.encode("").ids
+        bos_id = start[0] if start else tok.eos_id
     else:
         raise TypeError(f"cannot write a {type(tok).__name__} as a transformers tokenizer")
     if fast.token_to_id(eos_token) != tok.eos_id:
@@ -91,7 +96,7 @@ def save_tokenizer(tok: Any, out_dir: str | Path, max_length: int | None = None)
     wrapped = PreTrainedTokenizerFast(
         tokenizer_object=fast,
         eos_token=eos_token,
-        bos_token=eos_token,
+        bos_token=fast.id_to_token(bos_id),
         pad_token=eos_token,
         split_special_tokens=split_special,
         clean_up_tokenization_spaces=False,
@@ -99,4 +104,4 @@ def save_tokenizer(tok: Any, out_dir: str | Path, max_length: int | None = None)
         **({"model_max_length": max_length} if max_length is not None else {}),
     )
     wrapped.save_pretrained(str(out_dir))
-    return {"bos_token_id": tok.eos_id, "eos_token_id": tok.eos_id, "pad_token_id": tok.eos_id}
+    return {"bos_token_id": bos_id, "eos_token_id": tok.eos_id, "pad_token_id": tok.eos_id}
