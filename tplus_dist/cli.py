@@ -24,9 +24,10 @@ commands:
                                            run N steps, and again stopped after step K, saved and resumed
                                            (on another layout with --resume-with); report whether the
                                            continuation matches and where it first differs
-  export CHECKPOINT --format hf|consolidated OUT [--family NAME]
+  export CHECKPOINT --format hf|consolidated OUT [--family NAME] [--tokenizer SPEC]
                                            a checkpoint (under torchrun when distributed) as a Hugging Face
-                                           folder (logits checked) or one safetensors file
+                                           folder (logits checked; with the run's tokenizer, or SPEC: bytes, a
+                                           prepared dataset, a tokenizer.json or .tiktoken) or one safetensors file
   launch [--launcher torchrun|deepspeed] [--nproc-per-node G] [...] [--dry-run] CONFIG [...]
                                            start training on this node with torchrun or the deepspeed CLI,
                                            the job's shape from SLURM or the options (once per node)
@@ -171,18 +172,20 @@ def cmd_launch(argv: list[str]) -> int:
 
 
 def cmd_export(argv: list[str]) -> int:
-    fmt, family, positional, i = "hf", None, [], 0
+    fmt, family, tokenizer, positional, i = "hf", None, None, [], 0
     while i < len(argv):
         key, _, value = argv[i].partition("=")
-        if key in ("--format", "--family"):
+        if key in ("--format", "--family", "--tokenizer"):
             if not value:
                 if i + 1 >= len(argv):
                     raise ValueError(f"{key} needs a value")
                 value, i = argv[i + 1], i + 1
             if key == "--format":
                 fmt = value
-            else:
+            elif key == "--family":
                 family = value
+            else:
+                tokenizer = value
         else:
             positional.append(argv[i])
         i += 1
@@ -192,7 +195,7 @@ def cmd_export(argv: list[str]) -> int:
 
     from tplus_dist.checkpoint.export import export_checkpoint
 
-    out = export_checkpoint(Path(positional[0]), fmt, Path(positional[1]), family)
+    out = export_checkpoint(Path(positional[0]), fmt, Path(positional[1]), family, tokenizer)
     if out is not None:
         print(f"tplus: exported {positional[0]} as {fmt} to {out}")
     return 0

@@ -19,6 +19,27 @@ def write_atomic(path: Path, data: str | bytes) -> None:
     fsync_dir(path.parent)
 
 
+def current_umask() -> int:
+    """The process's umask, read without changing it (Linux: /proc/self/status); elsewhere set and restored."""
+    try:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith("Umask:"):
+                return int(line.split()[1], 8)
+    except OSError:
+        pass
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
+
+
+def respect_umask(*paths: Path) -> None:
+    """Give files that a library created private (safetensors' ``save_file`` writes mode 0600 whatever the umask)
+    the mode an ordinary ``open`` would have: 0666 minus the user's umask."""
+    mode = 0o666 & ~current_umask()
+    for p in paths:
+        os.chmod(p, mode)
+
+
 def fsync_dir(path: Path) -> None:
     """Flush a directory's entries (a rename or a new file in it) to disk."""
     fd = os.open(path, os.O_RDONLY)

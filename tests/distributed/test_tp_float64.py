@@ -33,6 +33,14 @@ CASES = {
         "--model.n_kv_heads=1",
         "--model.qk_norm=rmsnorm",
     ],
+    "projection-layernorm-qknorm-gqa": [  # q and k both split over the ranks: LayerNorm's mean, bias and gain too
+        "--model.qk_norm=layernorm",
+        "--model.qk_norm_scope=projection",
+        "--model.norm_bias=true",
+        "--model.n_kv_heads=2",
+        "--model.norm_placement=reordered",
+        "--model.block=parallel",
+    ],
     "adaln-zero-labels-shaw": [
         "--model.adaln=adaln_zero",
         "--model.n_conditions=3",

@@ -112,7 +112,7 @@ element whose gradient is near zero turns the last-bit differences of a differen
 fraction of a step; 5e-5 is 1/60 of one step and far below what a wrong gradient gives (1e-3 and up)."""
 
 
-def compare(single: Result, parallel: Result, param_tol: float = PARAM_TOL) -> None:
+def compare(single: Result, parallel: Result, param_tol: float = PARAM_TOL, grad_norm_tol: float = 1e-5) -> None:
     (a_hist, a_params), (b_hist, b_params) = single, parallel
     assert len(a_hist) == len(b_hist) == 5
     for a, b in zip(a_hist, b_hist, strict=True):
@@ -120,7 +120,7 @@ def compare(single: Result, parallel: Result, param_tol: float = PARAM_TOL) -> N
         assert a[2] == pytest.approx(b[2], rel=1e-12)  # lr
         # fp32: the loss to 1e-5, the gradient norm (a sum of squares over every parameter, in another order) to
         # 1e-5 of itself
-        assert abs(a[0] - b[0]) < 1e-5 and abs(a[1] - b[1]) < 1e-5 * a[1], (a, b)
+        assert abs(a[0] - b[0]) < 1e-5 and abs(a[1] - b[1]) < grad_norm_tol * a[1], (a, b)
         assert abs(a[7] - b[7]) < 1e-5, (a, b)  # validation loss (-1 where not evaluated)
         # the loss's terms, logged in every layout (z_loss -1 where model.z_loss is 0)
         assert a[8] != -1 and abs(a[8] - b[8]) < 1e-5 and abs(a[9] - b[9]) < 1e-5, (a, b)
@@ -153,6 +153,12 @@ block's case measured 5.19e-5 (layers.0.attn.wv) on an AMD EPYC CI machine, on t
 (within 5e-5 on an earlier machine: the CPU's kernels round differently); test_tp_float64.py shows both cases equal
 one process to 1e-14 in float64, so the fp32 gap is rounding."""
 
+GRAD_NORM_TOLS = {"reordered-projection-qknorm-qkv-bias": 3e-5}
+"""Measured 1.25e-5 relative at step 4 (steps 1-3 within 6e-7) with every loss within 1.2e-6, on the 2-core AMD
+EPYC machine; test_tp_float64.py shows the case (and its LayerNorm variant) equal to one process in float64 (largest
+relative gradient difference 3.4e-15; dropping the backward all-reduce of the norm's statistics gives 1e-2 to 1e-1),
+so the fp32 gap is rounding (the norm's statistics are sums all-reduced in another order) grown over Adam steps."""
+
 # Choices that change what crosses tensor-parallel ranks: kv-head layouts, QK-norm, biases, tied or untied
 # head, soft-capping, z-loss, parallel blocks, sliding windows, ALiBi slopes per head, padding rows.
 CHOICES = {
@@ -184,6 +190,15 @@ CHOICES = {
     "zipformer-biasnorm-swoosh": ["--model.norm=biasnorm", "--model.activation=swooshl", "--model.n_kv_heads=2"],
     "shaw-gqa": ["--model.position=shaw", "--model.shaw_max_distance=8", "--model.n_kv_heads=2"],
     "t5-bias-shared": ["--model.position=t5_bias", "--model.t5_bias_buckets=8", "--model.t5_bias_max_distance=32"],
+    # OLMo 2 / Qwen2 choices: QK-norm over the whole projection (q split over the ranks: statistics all-reduced; k
+    # replicated, one kv head: whole on each rank), biases on q, k, v only (test_tp_float64.py adds LayerNorm's mean)
+    "reordered-projection-qknorm-qkv-bias": [
+        "--model.norm_placement=reordered",
+        "--model.qk_norm=rmsnorm",
+        "--model.qk_norm_scope=projection",
+        "--model.qkv_bias=true",
+        "--model.n_kv_heads=1",
+    ],
     "t5-bias-per-layer-windowed": [
         "--model.position=t5_bias",
         "--model.t5_bias_shared=false",
@@ -201,6 +216,7 @@ def test_tensor_parallel_equals_one_process(tmp_path: Path, choice: str) -> None
         single(tmp_path, "--train.grad_accum=2", *extra),
         distributed(tmp_path, 2, "--train.grad_accum=2", "--parallel.tensor_parallel=2", *extra),
         PARAM_TOLS.get(choice, PARAM_TOL),
+        GRAD_NORM_TOLS.get(choice, 1e-5),
     )
 
 

@@ -112,6 +112,27 @@ def random_cfg(family: str, seed: int) -> ModelConfig:
         kw |= dict(rmsnorm, sliding_window=window, layer_pattern=["local"], **gqa, **rope, **gated)
     elif family == "ministral":
         kw |= dict(rmsnorm, n_layers=c([2, 4]), **mixed, **gqa, **rope, **gated)
+    elif family == "qwen2":  # biases on q, k, v only
+        sliding = c([{}, mixed, dict(sliding_window=window, layer_pattern=["local"])])
+        kw |= dict(rmsnorm, qkv_bias=True, head_dim=c([None, 32]), **sliding, **gqa, **rope, **gated)
+    elif family == "olmo2":  # norms after the sublayers, QK-norm over the whole projections
+        kw |= dict(rmsnorm, norm_placement="reordered", qk_norm="rmsnorm", qk_norm_scope="projection")
+        kw |= dict(head_dim=c([None, 32]), **gqa, **rope, **gated)
+    elif family == "olmo3":
+        kw |= dict(rmsnorm, norm_placement="reordered", qk_norm="rmsnorm", qk_norm_scope="projection")
+        kw |= dict(n_layers=c([2, 4]), **c([mixed, dict(sliding_window=window, layer_pattern=["local"])]))
+        kw |= dict(**gqa, **rope, **gated)
+    elif family == "phi3":  # partial rotary with RMSNorm (a whole-head rotary is a Llama)
+        kw |= dict(rmsnorm, rope_fraction=c([0.25, 0.5]), **gqa, **rope, **gated)
+    elif family == "stablelm":  # LayerNorm with a gated MLP
+        kw |= dict(layernorm, rope_fraction=c([0.25, 0.5, 1.0]), qkv_bias=c([True, False]))
+        kw |= dict(block=c(["serial", "parallel"]), **gqa, **rope, **gated)
+    elif family == "starcoder2":  # LayerNorm, RoPE and a plain MLP with fewer kv heads (GPT-NeoX has none)
+        kw |= dict(layernorm, linear_bias=c([True, False]), n_kv_heads=c([1, n_heads // 2]), **rope, **plain)
+    elif family == "granite":  # only Granite multiplies: muP's logits and softmax, a logit scale, any softmax scale
+        mup = dict(init="mup", mup_base_d_model=32, mup_output_mult=c([1.0, 2.0]))
+        extra = c([mup, dict(output_logit_scale=True, tie_embeddings=True), dict(softmax_scale=0.1)])
+        kw |= dict(rmsnorm, linear_bias=c([True, False]), embed_scale=c([True, False]), **extra, **gqa, **rope, **gated)
     elif family == "qwen3":
         sliding = c([{}, mixed, dict(sliding_window=window, layer_pattern=["local"])])
         kw |= dict(rmsnorm, qk_norm="rmsnorm", head_dim=c([None, 32]), **sliding, **gqa, **rope, **gated)
@@ -271,6 +292,10 @@ HF_CONFIGS: dict[str, dict[str, Any]] = {
     "mistral-no-window": dict(SIZES, model_type="mistral", num_key_value_heads=2, sliding_window=None),
     "mistral-window-past-context": dict(SIZES, model_type="mistral", num_key_value_heads=2, sliding_window=4096),
     "ministral": dict(THREE_LAYERS, layer_types=["sliding_attention", "full_attention", "sliding_attention"]),
+    "qwen2": dict(SIZES, num_key_value_heads=2),
+    "qwen2-tied-window": dict(
+        THREE_LAYERS, model_type="qwen2", use_sliding_window=True, max_window_layers=1, tie_word_embeddings=True
+    ),
     "qwen3": dict(THREE_LAYERS, use_sliding_window=True, max_window_layers=1),
     "gemma": dict(SIZES, num_key_value_heads=1, head_dim=32),
     "gemma2": dict(THREE_LAYERS, query_pre_attn_scalar=24),
@@ -283,7 +308,19 @@ HF_CONFIGS: dict[str, dict[str, Any]] = {
     ),
     "phi": dict(SIZES, num_key_value_heads=2, qk_layernorm=True),
     "gpt_neox": dict(SIZES, use_parallel_residual=False),
-}
+    "olmo2": dict(SIZES, num_key_value_heads=2),
+    "olmo3": dict(THREE_LAYERS, layer_types=["sliding_attention", "full_attention", "sliding_attention"]),
+    "phi3": dict(SIZES, num_key_value_heads=2, partial_rotary_factor=0.5, pad_token_id=None),
+    "stablelm": dict(SIZES, num_key_value_heads=2, use_qkv_bias=True),
+    "stablelm-parallel": dict(
+        SIZES, model_type="stablelm", num_key_value_heads=4, use_parallel_residual=True, partial_rotary_factor=1.0
+    ),
+    "starcoder2": dict(SIZES, num_key_value_heads=2),
+    "granite": dict(
+        SIZES, num_key_value_heads=2, attention_bias=True, mlp_bias=True, tie_word_embeddings=True,
+        embedding_multiplier=8.0, attention_multiplier=0.1, logits_scaling=8.0,  # sqrt(64): embed / logit scales
+    ),
+}  # fmt: skip
 
 
 def save_hf_model(tmp_path: Path, model_type: str, seed: int = 0, **overrides: Any) -> tuple[Path, Any]:
@@ -344,6 +381,9 @@ def test_load_falls_back_when_stored_config_no_longer_fits(tmp_path: Path) -> No
         ("opt", dict(word_embed_proj_dim=32), "word_embed_proj_dim=32"),
         ("gpt_neox", dict(use_parallel_residual=True), "differ.*one norm"),
         ("qwen3", dict(attention_bias=True), "attention_bias=True"),
+        ("olmo2", dict(attention_bias=True), "attention_bias=True"),
+        ("granite", dict(residual_multiplier=0.5), "residual_multiplier=0.5"),
+        ("granite", dict(logits_scaling=3.0), "logits_scaling=3.0"),
         ("gemma3_text", dict(rope_local_base_freq=5000.0), "rope_local_base_freq=5000"),
         ("gemma2", dict(hidden_activation="gelu_fast"), "hidden_activation='gelu_fast'"),
     ],
@@ -381,15 +421,24 @@ BASE = dict(vocab_size=100, n_layers=2, d_model=64, n_heads=4, seq_len=16)
         (dict(position="sinusoidal"), r"model\.position=sinusoidal"),
         (dict(norm_placement="post"), r"model\.norm_placement=post: llama"),
         (dict(block="parallel"), r"model\.block=parallel: llama"),
-        (dict(output_logit_scale=True, tie_embeddings=True), r"model\.output_logit_scale=true"),
-        (dict(init="mup", mup_base_d_model=32), r"model\.init=mup"),
-        (dict(init="t5"), r"model\.softmax_scale=null \(init=t5: attention scale 1\): llama"),
+        (  # Granite multiplies the logits, with RMSNorm only
+            dict(output_logit_scale=True, tie_embeddings=True, norm="layernorm", position="learned", activation="gelu"),
+            r"model\.output_logit_scale=true: gpt2 does not multiply the output logits",
+        ),
+        (dict(init="mup", mup_base_d_model=32, norm="layernorm"), r"granite .* lacks: model\.norm=layernorm"),
+        (dict(init="t5", qk_norm="rmsnorm"), r"model\.softmax_scale=null \(init=t5: attention scale 1\): qwen3"),
         (dict(attn_softcap=50.0), r"model\.attn_softcap=50\.0: llama"),
-        (dict(rope_fraction=0.5), r"model\.rope_fraction=0\.5: llama rotates the whole head"),
+        (dict(rope_fraction=0.5, linear_bias=True), r"model\.rope_fraction=0\.5: llama rotates the whole head"),
         (dict(sliding_window=4, layer_pattern=["local"], linear_bias=True), r"model\.linear_bias=true: mistral"),
         (dict(qk_norm="layernorm"), r"model\.qk_norm=layernorm: llama"),
         (dict(final_norm=False), r"model\.final_norm=false: llama"),
         (dict(embed_norm=True), r"model\.embed_norm=true: llama"),
+        (
+            dict(qk_norm="rmsnorm", qk_norm_scope="projection"),
+            r"qwen3 \(Qwen3ForCausalLM\) lacks: model\.qk_norm_scope",
+        ),
+        (dict(qkv_bias=True, qk_norm="rmsnorm"), r"qwen2 \(Qwen2ForCausalLM\) lacks: model\.qk_norm=rmsnorm"),
+        (dict(norm_placement="reordered"), r"olmo2 \(Olmo2ForCausalLM\) lacks: model\.qk_norm=none"),
         (
             dict(norm="layernorm", position="learned", activation="gelu", norm_placement="post"),
             r"model\.final_norm=true: opt's post-norm layers",

@@ -255,22 +255,66 @@ def test_verify_resume_finds_where_a_broken_resume_first_differs(tmp_path: Path,
 
 
 def test_export_a_checkpoint_consolidated_and_as_hugging_face(tmp_path: Path):
+    import json
+    import stat
+
     from safetensors.torch import load_file
+    from transformers import AutoTokenizer
 
     from tplus_dist import hf
     from tplus_dist.cli import main
 
     run_dir = tmp_path / "run"
-    interrupted(run_dir, 2)
-    ckpt = run_dir / "checkpoints" / "step_00000002"
-    assert main(["export", str(ckpt), "--format", "consolidated", str(tmp_path / "flat")]) == 0
+    old_umask = os.umask(0o002)  # group-writable: every file the run and the exports write must follow it
+    try:
+        interrupted(run_dir, 2)
+        ckpt = run_dir / "checkpoints" / "step_00000002"
+        assert main(["export", str(ckpt), "--format", "consolidated", str(tmp_path / "flat")]) == 0
+        assert main(["export", str(run_dir / "checkpoints"), "--format", "hf", str(tmp_path / "hf")]) == 0  # latest
+    finally:
+        os.umask(old_umask)
+    files = [p for d in (run_dir / "checkpoints", tmp_path / "flat", tmp_path / "hf") for p in d.rglob("*")]
+    modes = {str(p.relative_to(tmp_path)): oct(stat.S_IMODE(p.stat().st_mode)) for p in files if p.is_file()}
+    assert "hf/model.safetensors" in modes and "flat/model.safetensors" in modes
+    assert modes == dict.fromkeys(modes, oct(0o664))
     flat = load_file(str(tmp_path / "flat" / "model.safetensors"))
     saved = checkpoint_parameters(ckpt)
     assert flat.keys() == saved.keys() and all(torch.equal(flat[k], saved[k]) for k in saved)
-    assert main(["export", str(run_dir / "checkpoints"), "--format", "hf", str(tmp_path / "hf")]) == 0  # latest
     cfg, model = hf.load(tmp_path / "hf")  # transformers' folder back into our decoder: the same weights
     v = cfg.vocab_size  # (the vocabulary's padding rows come back as zeros)
     assert all(torch.equal(p[:v], saved[n][:v]) for n, p in model.state_dict().items())
+    # the run's byte-level tokenizer travels with it: EOS 256 in the config, the same ids from AutoTokenizer
+    assert json.loads((tmp_path / "hf" / "config.json").read_text())["eos_token_id"] == 256
+    assert AutoTokenizer.from_pretrained(tmp_path / "hf")("héllo").input_ids == list("héllo".encode())
+
+
+def test_export_cli_passes_the_tokenizer_option(monkeypatch):
+    import tplus_dist.checkpoint.export as export
+    from tplus_dist.cli import main
+
+    calls: list[tuple[Any, ...]] = []
+    monkeypatch.setattr(export, "export_checkpoint", lambda *a: calls.append(a))
+    assert main(["export", "ck", "--format", "hf", "out", "--tokenizer", "bytes"]) == 0
+    assert main(["export", "ck", "out2", "--tokenizer=data/tok.json", "--family=qwen2"]) == 0
+    assert [c[2:] for c in calls] == [(Path("out"), None, "bytes"), (Path("out2"), "qwen2", "data/tok.json")]
+
+
+def test_export_finds_a_trained_tokenizer_beside_the_runs_shards(tmp_path: Path):
+    from tplus_dist.checkpoint.export import run_tokenizer
+    from tplus_dist.data.prepare import prepare
+    from tplus_dist.data.tokenizers import HFTokenizer
+
+    src = tmp_path / "docs.txt"
+    src.write_text("the quick brown fox jumps over the lazy dog\n" * 200)
+    prepare([str(src)], "train:300", 16, tmp_path / "shards", progress=False)
+    cfg = load_config("configs/tiny.yaml", [f"--data.shards={tmp_path / 'shards'}"])
+    tok, source = run_tokenizer(cfg)
+    saved = HFTokenizer.from_file(tmp_path / "shards" / "tokenizer.json")  # what prepare trained and saved
+    assert isinstance(tok, HFTokenizer) and tok.vocab_size == saved.vocab_size > 257 and "shards" in source
+    assert tok.encode("the quick fox") == saved.encode("the quick fox") != list(b"the quick fox")
+    cfg = load_config("configs/tiny.yaml", [f"--data.shards={tmp_path / 'gone'}", "--data.tokenizer=train:300"])
+    tok, why = run_tokenizer(cfg)
+    assert tok is None and "gone" in why
 
 
 def test_export_refuses_a_non_empty_output_and_a_damaged_checkpoint(tmp_path: Path, capsys):

@@ -205,6 +205,54 @@ def test_qk_norm_normalizes_each_head_over_head_dim(kind: str):
     torch.testing.assert_close(attn(x), expected)
 
 
+@pytest.mark.parametrize("kind", ["rmsnorm", "layernorm"])
+def test_qk_norm_over_the_projection_normalizes_all_of_q_and_all_of_k(kind: str):
+    """OLMo 2's QK-norm: one norm over the n_heads * head_dim query features, one over the n_kv_heads * head_dim
+    key features, before the heads are split (HF modeling_olmo2.py)."""
+    cfg = tiny_cfg(qk_norm=kind, qk_norm_scope="projection", norm_bias=True, position="none", n_kv_heads=2)
+    torch.manual_seed(0)
+    attn = Attention(cfg, 0, get_provider(), rotary=None)
+    randomize_norm_gains(attn)
+    b, s, h, kv, d = 2, 6, cfg.n_heads, cfg.kv_heads, cfg.dim_head
+    assert attn.q_norm.weight.shape == (h * d,) and attn.k_norm.weight.shape == (kv * d,)
+    x = randn(2, 6, cfg.d_model)
+
+    def normalize(t: torch.Tensor, norm: torch.nn.Module) -> torch.Tensor:
+        if kind == "rmsnorm":
+            return rms_norm_by_hand(t, norm.weight, cfg.norm_eps)
+        return layer_norm_by_hand(t, norm.weight, norm.bias, cfg.norm_eps)
+
+    q = normalize(attn.wq(x), attn.q_norm).view(b, s, h, d).transpose(1, 2)
+    k = normalize(attn.wk(x), attn.k_norm).view(b, s, kv, d).transpose(1, 2).repeat_interleave(h // kv, dim=1)
+    v = attn.wv(x).view(b, s, kv, d).transpose(1, 2).repeat_interleave(h // kv, dim=1)
+    out = attention_by_hand(q, k, v, scale=d**-0.5)
+    expected = attn.wo(out.transpose(1, 2).reshape(b, s, h * d))
+    torch.testing.assert_close(attn(x), expected)
+
+
+def test_qkv_bias_puts_biases_on_q_k_v_only():
+    model = build(qkv_bias=True)
+    a, m = model.blocks()[0].attn, model.blocks()[0].mlp
+    assert all(lin.bias is not None for lin in (a.wq, a.wk, a.wv))
+    assert all(lin.bias is None for lin in (a.wo, m.w_gate, m.w_up, m.w_down))
+
+
+@pytest.mark.parametrize(
+    ("overrides", "field"),
+    [
+        (dict(qk_norm_scope="projection"), "model.qk_norm_scope"),  # with qk_norm none it would do nothing
+        (dict(qkv_bias=True, linear_bias=True), "model.qkv_bias"),
+        (dict(norm_placement="reordered", adaln="adaln", n_conditions=2), "model.norm_placement"),
+    ],
+)
+def test_new_choices_refuse_settings_that_would_be_ignored(overrides: dict[str, Any], field: str):
+    from tplus_dist.config import ConfigError
+
+    with pytest.raises(ConfigError) as info:
+        tiny_cfg(**overrides)
+    assert info.value.field == field
+
+
 def test_no_qk_norm_has_no_qk_norm_modules():
     model = build(qk_norm="none")
     assert all(layer.attn.q_norm is None and layer.attn.k_norm is None for layer in model.blocks())
@@ -752,6 +800,11 @@ def test_a_short_window_changes_the_output():
 
 def block_by_formula(block: Block, x: torch.Tensor, parallel: bool, placement: str) -> torch.Tensor:
     a, m, n1, n2 = block.attn, block.mlp, block.norm1, block.norm2
+    if placement == "reordered":  # OLMo 2: x + norm(f(x))
+        if parallel:
+            return x + block.post_attn_norm(a(x)) + block.post_mlp_norm(m(x))
+        h = x + block.post_attn_norm(a(x))
+        return h + block.post_mlp_norm(m(h))
     if parallel:
         if placement == "pre":
             return x + a(n1(x)) + m(n1(x))
@@ -769,7 +822,7 @@ def block_by_formula(block: Block, x: torch.Tensor, parallel: bool, placement: s
 
 
 @pytest.mark.parametrize("kind", ["serial", "parallel"])
-@pytest.mark.parametrize("placement", ["pre", "post", "sandwich"])
+@pytest.mark.parametrize("placement", ["pre", "post", "sandwich", "reordered"])
 def test_block_equals_its_formula(kind: str, placement: str):
     cfg = tiny_cfg(block=kind, norm_placement=placement, norm="layernorm", norm_bias=True)
     torch.manual_seed(0)
@@ -788,6 +841,8 @@ def test_block_equals_its_formula(kind: str, placement: str):
         ("parallel", "pre", {"norm1"}),
         ("parallel", "post", {"norm1"}),
         ("parallel", "sandwich", {"norm1", "post_attn_norm", "post_mlp_norm"}),
+        ("serial", "reordered", {"post_attn_norm", "post_mlp_norm"}),
+        ("parallel", "reordered", {"post_attn_norm", "post_mlp_norm"}),
     ],
 )
 def test_block_has_exactly_the_norms_it_uses(kind: str, placement: str, norms: set[str]):
@@ -971,6 +1026,9 @@ ATTENTION_VARIANTS = {
     "qk-norm": dict(qk_norm="layernorm"),
     "parallel-sandwich": dict(block="parallel", norm_placement="sandwich"),
     "post-norm": dict(norm_placement="post"),
+    "olmo2-reordered-projection-qk-norm": dict(
+        norm_placement="reordered", qk_norm="rmsnorm", qk_norm_scope="projection"
+    ),
     "embed-norm": dict(embed_norm=True),
 }
 

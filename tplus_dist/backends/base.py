@@ -33,10 +33,21 @@ class LayerProvider(Protocol):
         ...
 
     def norm(
-        self, kind: NormKind, dim: int, *, eps: float, bias: bool, unit_offset: bool, per_head: bool = False
+        self,
+        kind: NormKind,
+        dim: int,
+        *,
+        eps: float,
+        bias: bool,
+        unit_offset: bool,
+        per_head: bool = False,
+        split: bool = False,
     ) -> nn.Module:
         """A norm over the last ``dim`` features. ``per_head``: it normalizes this rank's heads only (QK-norm), so
-        under tensor parallelism the gradient of its gain is summed over the ranks."""
+        under tensor parallelism the gradient of its gain is summed over the ranks. ``split``: a norm over the whole
+        output of a column-parallel projection of ``dim`` features (QK-norm over the projection, OLMo 2): each rank
+        holds and normalizes dim / tp_size of them, with that slice of the gain (and bias), and the mean and mean
+        square are reduced over the ranks, so the result is the one-process norm's slice."""
         ...
 
     def embedding(self, num_embeddings: int, dim: int) -> nn.Module:

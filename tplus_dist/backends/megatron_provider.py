@@ -42,7 +42,8 @@ def _mark(p: torch.Tensor | None, dim: int, rank: int, parts: int) -> None:
     initializes, and DeepSpeed's gradient norm reads them (an unmarked parameter counts on TP rank 0 only)."""
     if p is not None:
         setattr(p, SHARD_ATTR, Shard(dim, rank, parts))
-        _layers().set_tensor_model_parallel_attributes(p, True, dim, 1)
+        if not hasattr(p, "tensor_model_parallel"):  # a column-parallel bias has them already (megatron asserts)
+            _layers().set_tensor_model_parallel_attributes(p, True, dim, 1)
 
 
 def _layers() -> Any:
@@ -100,8 +101,21 @@ class MegatronProvider:
         return m
 
     def norm(
-        self, kind: NormKind, dim: int, *, eps: float, bias: bool, unit_offset: bool, per_head: bool = False
+        self,
+        kind: NormKind,
+        dim: int,
+        *,
+        eps: float,
+        bias: bool,
+        unit_offset: bool,
+        per_head: bool = False,
+        split: bool = False,
     ) -> nn.Module:
+        if split and self.tp_size > 1:
+            m = SplitNorm(kind, dim, eps=eps, bias=bias, unit_offset=unit_offset, group=self.group)
+            _mark(m.weight, 0, self.tp_rank, self.tp_size)
+            _mark(m.bias, 0, self.tp_rank, self.tp_size)
+            return m
         # replicated: every rank normalizes the same (whole) activations, so their gradients agree across ranks;
         # except QK-norm's, which sees this rank's heads only: its gain's gradient is summed over the ranks
         norm = build_norm(kind, dim, eps=eps, bias=bias, unit_offset=unit_offset)
@@ -140,6 +154,52 @@ class MegatronProvider:
         return vocab_parallel_lm_loss(
             logits, targets, vocab_size=vocab_size, z_loss=z_loss, ignore_index=ignore_index, group=self.group
         )
+
+
+class SplitNorm(nn.Module):
+    """RMSNorm or LayerNorm over ``dim`` features of which this rank holds dim / tp (the output of a column-parallel
+    projection: QK-norm over the whole projection, OLMo 2), with this rank's slice of the gain (and bias).
+
+    The mean (LayerNorm) and the mean square are sums over the last dimension all-reduced over the group, forward and
+    backward (every rank's output depends on every rank's features), so the result is the one-process norm's slice:
+    x [..., dim / tp] -> [..., dim / tp]. Computed in fp32 (fp64 stays fp64), like model/norms.py."""
+
+    def __init__(
+        self, kind: NormKind, dim: int, *, eps: float, bias: bool, unit_offset: bool, group: dist.ProcessGroup
+    ) -> None:
+        super().__init__()
+        if kind not in ("rmsnorm", "layernorm"):
+            raise ValueError(f"a norm split over tensor-parallel ranks is rmsnorm or layernorm, not {kind!r}")
+        tp = dist.get_world_size(group)
+        if dim % tp:
+            raise ValueError(f"a norm over {dim} features cannot be split over {tp} tensor-parallel ranks")
+        self.kind, self.dim, self.eps, self.unit_offset, self.group = kind, dim, eps, unit_offset, group
+        local = dim // tp
+        self.weight = nn.Parameter(torch.zeros(local) if unit_offset else torch.ones(local))
+        self.bias = nn.Parameter(torch.zeros(local)) if bias and kind == "layernorm" else None
+
+    def _mean(self, t: torch.Tensor) -> torch.Tensor:
+        """The mean over the whole feature dimension: a local sum, all-reduced in the forward (reduce_from) and,
+        for its gradient, in the backward (copy_to)."""
+        tp = _layers()
+        total = tp.reduce_from_tensor_model_parallel_region(t.sum(-1, keepdim=True), group=self.group)
+        return tp.copy_to_tensor_model_parallel_region(total, group=self.group) / self.dim
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        xf = x.to(torch.promote_types(x.dtype, torch.float32))
+        if self.kind == "layernorm":
+            xf = xf - self._mean(xf)
+        y = xf * torch.rsqrt(self._mean(xf * xf) + self.eps)
+        w = self.weight.to(y.dtype)
+        y = y * (w + 1.0 if self.unit_offset else w)
+        if self.bias is not None:
+            y = y + self.bias.to(y.dtype)
+        return y.type_as(x)
+
+    def reset_parameters(self) -> None:
+        nn.init.zeros_(self.weight) if self.unit_offset else nn.init.ones_(self.weight)
+        if self.bias is not None:
+            nn.init.zeros_(self.bias)
 
 
 class SumGradOverTP(nn.Module):

@@ -26,7 +26,15 @@ class TorchProvider:
         return nn.Linear(in_features, out_features, bias=bias)
 
     def norm(
-        self, kind: NormKind, dim: int, *, eps: float, bias: bool, unit_offset: bool, per_head: bool = False
+        self,
+        kind: NormKind,
+        dim: int,
+        *,
+        eps: float,
+        bias: bool,
+        unit_offset: bool,
+        per_head: bool = False,
+        split: bool = False,
     ) -> nn.Module:
         return build_norm(kind, dim, eps=eps, bias=bias, unit_offset=unit_offset)
 

@@ -9,7 +9,7 @@ from typing import Literal
 from tplus_dist.config.base import check
 
 NormKind = Literal["layernorm", "rmsnorm", "biasnorm"]
-NormPlacement = Literal["pre", "post", "sandwich"]
+NormPlacement = Literal["pre", "post", "sandwich", "reordered"]
 PositionKind = Literal["learned", "sinusoidal", "rope", "alibi", "t5_bias", "shaw", "none"]
 RELATIVE_POSITION_FIELDS = {
     "t5_bias_buckets": "t5_bias",
@@ -19,6 +19,7 @@ RELATIVE_POSITION_FIELDS = {
 }
 """The settings of each learned relative-position choice (refused with another position)."""
 QKNormKind = Literal["none", "rmsnorm", "layernorm"]
+QKNormScope = Literal["head", "projection"]
 Activation = Literal[
     "gelu", "gelu_tanh", "relu", "silu", "swooshr", "swooshl", "swiglu", "geglu", "geglu_tanh", "reglu"
 ]
@@ -68,7 +69,9 @@ class ModelConfig:
     """LayerNorm bias; RMSNorm never has one."""
     norm_placement: NormPlacement = "pre"
     """pre: x + f(norm(x)) (GPT-2, Llama). post: norm(x + f(x)) (original Transformer).
-    sandwich: x + norm(f(norm(x))) (Gemma 2)."""
+    sandwich: x + norm(f(norm(x))) (Gemma 2). reordered: x + norm(f(x)), the sublayer's output normed before the
+    residual add and no pre-norm (OLMo 2, arXiv 2501.00656 section 3.2; HF modeling_olmo2.py Olmo2DecoderLayer;
+    Swin Transformer V2's res-post-norm)."""
     embed_norm: bool = False
     """LayerNorm right after the embedding (BLOOM)."""
     final_norm: bool = True
@@ -97,7 +100,13 @@ class ModelConfig:
 
     # -- attention
     qk_norm: QKNormKind = "none"
-    """Normalize queries and keys over head_dim before the dot product (OLMo 2, Qwen 3, Gemma 3)."""
+    """Normalize queries and keys before the dot product (OLMo 2, Qwen 3, Gemma 3); see qk_norm_scope."""
+    qk_norm_scope: QKNormScope = "head"
+    """What QK-norm normalizes: head (each head's head_dim features, one gain of head_dim shared by the heads: Qwen 3,
+    Gemma 3; HF modeling_qwen3.py) or projection (the whole query projection, n_heads * head_dim, and the whole key
+    projection, n_kv_heads * head_dim, each with its own gain of that size: OLMo 2, arXiv 2501.00656; HF
+    modeling_olmo2.py Olmo2Attention). Under tensor parallelism a projection norm reduces its statistics over the
+    ranks."""
     softmax_scale: float | None = None
     """None: 1/sqrt(head_dim), or 1 under T5 init, or 1/head_dim under muP."""
     attn_softcap: float | None = None
@@ -127,6 +136,9 @@ class ModelConfig:
     # -- biases
     linear_bias: bool = False
     """Biases on every linear (GPT-2 has them; no bias is a bit better and faster)."""
+    qkv_bias: bool = False
+    """Biases on the query, key and value projections only, none on the attention output or the MLP (Qwen2; HF
+    modeling_qwen2.py Qwen2Attention). Implied by linear_bias, so the two are not set together."""
 
     # -- block
     block: BlockKind = "serial"
@@ -273,6 +285,18 @@ class ModelConfig:
                 p + "norm_placement",
                 f"adaln modulates the pre-norms; {self.norm_placement!r} is not supported with it",
             )
+        check(
+            self.qk_norm != "none" or self.qk_norm_scope == "head",
+            p + "qk_norm_scope",
+            f"({self.qk_norm_scope}) chooses what QK-norm normalizes, but model.qk_norm is none; set qk_norm, or "
+            "remove qk_norm_scope",
+        )
+        check(
+            not (self.qkv_bias and self.linear_bias),
+            p + "qkv_bias",
+            "puts biases on the query, key and value projections, which linear_bias (true) already does for every "
+            "linear; set one of them",
+        )
         if self.position == "shaw":
             check(
                 self.shaw_max_distance >= 1,

@@ -1,5 +1,5 @@
-"""Multi-head attention with every choice: GQA/MQA, QK-norm, RoPE/ALiBi, soft-capping, the
-off-by-one softmax, sliding windows. Flash attention (SDPA) where the choices allow it, an exact
+"""Multi-head attention with every choice: GQA/MQA, QK-norm (per head or over the projection), RoPE/ALiBi,
+soft-capping, the off-by-one softmax, sliding windows. Flash attention (SDPA) where the choices allow it, an exact
 path otherwise."""
 
 from __future__ import annotations
@@ -151,17 +151,26 @@ class Attention(nn.Module):
     def __init__(self, cfg: ModelConfig, layer: int, provider: LayerProvider, rotary: Rotary | None) -> None:
         super().__init__()
         self.head_dim = cfg.dim_head
-        bias, tp, kv, dh = cfg.linear_bias, provider.tp_size, cfg.kv_heads, cfg.dim_head
-        self.wq = provider.linear(cfg.d_model, cfg.n_heads * dh, bias=bias, role="column")
+        tp, kv, dh = provider.tp_size, cfg.kv_heads, cfg.dim_head
+        qkv_bias = cfg.linear_bias or cfg.qkv_bias  # qkv_bias: Qwen2's biases on q, k, v only
+        self.wq = provider.linear(cfg.d_model, cfg.n_heads * dh, bias=qkv_bias, role="column")
         kv_role: LinearRole = "column" if kv % tp == 0 else "replicated"
         # the kv head this rank's query heads [r h/tp, (r+1) h/tp) read: head i reads kv head i // (h / kv)
         self.kv_index = None if kv_role == "column" else provider.tp_rank * kv // tp
-        self.wk = provider.linear(cfg.d_model, kv * dh, bias=bias, role=kv_role)
-        self.wv = provider.linear(cfg.d_model, kv * dh, bias=bias, role=kv_role)
-        self.wo = provider.linear(cfg.n_heads * cfg.dim_head, cfg.d_model, bias=bias, role="row")
+        self.wk = provider.linear(cfg.d_model, kv * dh, bias=qkv_bias, role=kv_role)
+        self.wv = provider.linear(cfg.d_model, kv * dh, bias=qkv_bias, role=kv_role)
+        self.wo = provider.linear(cfg.n_heads * cfg.dim_head, cfg.d_model, bias=cfg.linear_bias, role="row")
         self.q_norm: nn.Module | None = None
         self.k_norm: nn.Module | None = None
-        if cfg.qk_norm != "none":
+        self.whole_projection_norm = cfg.qk_norm != "none" and cfg.qk_norm_scope == "projection"
+        if cfg.qk_norm != "none" and cfg.qk_norm_scope == "projection":
+            # OLMo 2: one norm over all of q's n_heads * head_dim features, one over k's; split over the ranks like
+            # the projection (statistics reduced across them), or, for a replicated key projection, whole on every
+            # rank with its gain's gradient summed (each rank uses its own kv head of the output)
+            self.q_norm = make_norm(provider, cfg, cfg.n_heads * dh, cfg.qk_norm, split=True)
+            replicated = kv_role == "replicated"
+            self.k_norm = make_norm(provider, cfg, kv * dh, cfg.qk_norm, split=not replicated, per_head=replicated)
+        elif cfg.qk_norm != "none":
             self.q_norm = make_norm(provider, cfg, cfg.dim_head, cfg.qk_norm, per_head=True)
             self.k_norm = make_norm(provider, cfg, cfg.dim_head, cfg.qk_norm, per_head=True)
         self.rotary = rotary
@@ -176,12 +185,13 @@ class Attention(nn.Module):
     def forward(self, x: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
         """``bias``: the shared relative bias [h, s, s], if the model has one."""
         b, s, _ = x.shape
-        q = self.wq(x).view(b, s, -1, self.head_dim)
-        k = self.wk(x).view(b, s, -1, self.head_dim)
-        v = self.wv(x).view(b, s, -1, self.head_dim)
+        q, k, v = self.wq(x), self.wk(x), self.wv(x)
+        if self.whole_projection_norm and self.q_norm is not None and self.k_norm is not None:
+            q, k = self.q_norm(q), self.k_norm(k)
+        q, k, v = (t.view(b, s, -1, self.head_dim) for t in (q, k, v))
         if self.kv_index is not None:
             k, v = k[:, :, self.kv_index : self.kv_index + 1], v[:, :, self.kv_index : self.kv_index + 1]
-        if self.q_norm is not None and self.k_norm is not None:
+        if not self.whole_projection_norm and self.q_norm is not None and self.k_norm is not None:
             q, k = self.q_norm(q), self.k_norm(k)
         q, k, v = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)
         if self.rotary is not None:

@@ -1,4 +1,4 @@
-"""One decoder layer: attention and MLP, serial or parallel, with pre/post/sandwich norms."""
+"""One decoder layer: attention and MLP, serial or parallel, with pre/post/sandwich/reordered norms."""
 
 from __future__ import annotations
 
@@ -22,9 +22,11 @@ class Block(nn.Module):
     """serial:   pre       h = x + A(n1(x));        y = h + M(n2(h))
                  post      h = n1(x + A(x));        y = n2(h + M(h))
                  sandwich  h = x + p1(A(n1(x)));    y = h + p2(M(n2(h)))
+                 reordered h = x + p1(A(x));        y = h + p2(M(h))        (OLMo 2: no pre-norm)
     parallel:    pre       y = x + A(n1(x)) + M(n1(x))          (one norm: GPT-J, PaLM)
                  post      y = n1(x + A(x) + M(x))
-                 sandwich  y = x + p1(A(n1(x))) + p2(M(n1(x)))"""
+                 sandwich  y = x + p1(A(n1(x))) + p2(M(n1(x)))
+                 reordered y = x + p1(A(x)) + p2(M(x))"""
 
     def __init__(self, cfg: ModelConfig, layer: int, provider: LayerProvider, rotary: Rotary | None) -> None:
         super().__init__()
@@ -36,9 +38,10 @@ class Block(nn.Module):
 
         self.attn = Attention(cfg, layer, provider, rotary)
         self.mlp = MLP(cfg, provider)
-        self.norm1 = norm()
-        self.norm2 = None if (self.parallel and self.placement != "sandwich") else norm()
-        if self.placement == "sandwich":
+        reordered = self.placement == "reordered"
+        self.norm1 = None if reordered else norm()
+        self.norm2 = None if reordered or (self.parallel and self.placement != "sandwich") else norm()
+        if self.placement in ("sandwich", "reordered"):
             self.post_attn_norm, self.post_mlp_norm = norm(), norm()
             if self.parallel:  # the MLP reads norm1's output, so norm2 is its post-norm
                 self.norm2 = None
@@ -53,7 +56,7 @@ class Block(nn.Module):
 
     def _modulated(self, x: torch.Tensor, cond: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
         """Pre-norm blocks under adaLN: norm(x) * (1 + scale) + shift, (1 + gate) * branch."""
-        assert self.ada is not None
+        assert self.ada is not None and self.norm1 is not None  # adaLN: pre-norm only (ModelConfig.validate)
         m = self.ada(F.silu(cond)).unsqueeze(1).chunk(self.ada.out_features // x.shape[-1], dim=-1)
         if self.parallel:
             shift, scale, *gates = m
@@ -79,6 +82,12 @@ class Block(nn.Module):
         condition embedding [b, d] (adaLN); None runs the plain block."""
         if cond is not None and self.ada is not None:
             return self._modulated(x, cond, bias)
+        if self.norm1 is None:  # reordered: each sublayer reads the residual stream, its output is normed
+            a = self._drop(self.post_attn_norm(self.attn(x, bias)))
+            if self.parallel:
+                return x + a + self._drop(self.post_mlp_norm(self.mlp(x)))
+            x = x + a
+            return x + self._drop(self.post_mlp_norm(self.mlp(x)))
         if self.parallel:
             if self.placement == "pre":
                 h = self.norm1(x)

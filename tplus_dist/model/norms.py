@@ -89,12 +89,25 @@ class BiasNorm(_Norm):
 
 
 def make_norm(
-    provider: LayerProvider, cfg: ModelConfig, dim: int, kind: NormKind | None = None, *, per_head: bool = False
+    provider: LayerProvider,
+    cfg: ModelConfig,
+    dim: int,
+    kind: NormKind | None = None,
+    *,
+    per_head: bool = False,
+    split: bool = False,
 ) -> nn.Module:
     """A norm of the model's kind (or ``kind``) with the model's eps, bias and gain convention; ``per_head``
-    for QK-norm, which normalizes each of this rank's heads."""
+    for QK-norm, which normalizes each of this rank's heads; ``split`` for QK-norm over a whole projection of
+    ``dim`` features that tensor parallelism splits over the ranks (see LayerProvider.norm)."""
     return provider.norm(
-        kind or cfg.norm, dim, eps=cfg.norm_eps, bias=cfg.norm_bias, unit_offset=cfg.norm_unit_offset, per_head=per_head
+        kind or cfg.norm,
+        dim,
+        eps=cfg.norm_eps,
+        bias=cfg.norm_bias,
+        unit_offset=cfg.norm_unit_offset,
+        per_head=per_head,
+        split=split,
     )
 
 

@@ -61,6 +61,13 @@ class Data:
     manifest: dict[str, Any]
 
 
+def prepared_dir(cfg: RunConfig) -> Path:
+    """Where data.source is prepared in data.cache_dir (keyed by what determines its content)."""
+    d = cfg.data
+    key = json.dumps([PREPARE_FORMAT, d.source, d.tokenizer, cfg.seq_len, d.val_fraction], sort_keys=True)
+    return Path(d.cache_dir) / "prepared" / hashlib.sha256(key.encode()).hexdigest()[:16]
+
+
 def ensure_prepared(cfg: RunConfig) -> str:
     """data.shards, or the source prepared once into the cache (keyed by what determines its content)."""
     if cfg.data.shards is not None:
@@ -68,8 +75,7 @@ def ensure_prepared(cfg: RunConfig) -> str:
     from tplus_dist.data.prepare import PrepareError, prepare
 
     d = cfg.data
-    key = json.dumps([PREPARE_FORMAT, d.source, d.tokenizer, cfg.seq_len, d.val_fraction], sort_keys=True)
-    out = Path(d.cache_dir) / "prepared" / hashlib.sha256(key.encode()).hexdigest()[:16]
+    out = prepared_dir(cfg)
     if (out / "manifest.json").is_file():
         return str(out)
     inputs = [d.source]
