@@ -159,6 +159,8 @@ def _cuda_devices() -> int:
 def check_job(shape: JobShape, config: str, overrides: list[str], connect_timeout: float) -> None:
     """Everything that can fail before a rank starts; LaunchError / ConfigError naming what."""
     path = Path(config)
+    if path.is_dir():
+        raise LaunchError(f"the config file {config} is a directory, not a YAML file")
     if not path.is_file():
         raise LaunchError(f"the config file {config} does not exist on {socket.gethostname()} (node {shape.node_rank})"
                           "; every node must see the same path (a shared filesystem or the image)")  # fmt: skip
@@ -252,6 +254,10 @@ _TYPES: dict[str, type] = {
 }
 
 
+_LEAST: dict[str, float] = {"nproc_per_node": 1, "nodes": 1, "node_rank": 0, "master_port": 1, "connect_timeout": 0}
+"""The smallest value each numeric option takes: 0 processes or nodes would not silently become one."""
+
+
 def parse(argv: list[str]) -> LaunchOptions:
     """The launch options, then the config file and its overrides (passed on to every rank unchanged)."""
     values: dict[str, object] = {}
@@ -274,6 +280,10 @@ def parse(argv: list[str]) -> LaunchOptions:
         except ValueError:
             raise LaunchError(f"{key}: expected {_TYPES[name].__name__}, got {value!r}") from None
         i += 1
+    for name, least in _LEAST.items():
+        given = values.get(name)
+        if isinstance(given, (int, float)) and given < least:
+            raise LaunchError(f"--{name.replace('_', '-')} must be at least {least:g}, got {given}")
     rest = argv[i:]
     if not rest or rest[0].startswith("--"):
         raise LaunchError(f"the config file comes first after the launch options\n{USAGE}")

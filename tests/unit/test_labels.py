@@ -155,6 +155,7 @@ def _config_args(labeled: Path, tmp_path: Path, *extra: str) -> list[str]:
     return [
         f"--model.seq_len={SEQ}",
         "--train.steps=3",
+        "--schedule.warmup_steps=1",  # (tiny's 20-step warmup would outlast the run: refused)
         "--train.micro_batch_size=4",
         "--train.eval_interval=3",
         "--train.eval_batches=2",

@@ -189,7 +189,15 @@ def build_data(cfg: RunConfig, dp_size: int = 1, dp_rank: int = 0) -> Data:
         labels=use_labels,
     )
     val = None
-    if manifest["splits"].get("val", {}).get("samples", 0) > 0 and cfg.train.eval_interval > 0:
+    has_val = manifest["splits"].get("val", {}).get("samples", 0) > 0
+    if not has_val and cfg.train.eval_interval > 0:
+        from tplus_dist.config.base import check_unused
+
+        check_unused(
+            cfg.train, "train", ("eval_interval",),
+            f"the shards at {shards} have no validation split (prepare them with a val fraction above 0)",
+        )  # fmt: skip
+    if has_val and cfg.train.eval_interval > 0:
         val = EvalBatches(
             open_split(shards, "val", d.cache_dir, manifest),
             cfg.seq_len,
@@ -358,6 +366,11 @@ def open_run(cfg: RunConfig, run_dir: Path | None, data: Data) -> RunStart:
             check_writable(root, "checkpoint.dir")
             if explicit is not None and not explicit.exists():
                 raise CheckpointError(f"checkpoint.resume: {explicit} does not exist")
+            if explicit is not None and not explicit.is_dir():
+                raise CheckpointError(
+                    f"checkpoint.resume: {explicit} is a file, not a checkpoint directory (step_*) or a checkpoints "
+                    "directory"
+                )
             if existed and not locks:
                 locks.append(RunLock(run_dir))  # before reading its checkpoints: no other job may be writing them
             if root.is_dir():
@@ -446,6 +459,9 @@ def build_trainer(cfg: RunConfig, run_dir: Path | None = None, stop: Any = None)
 
     ds_overrides = load_deepspeed_overrides(cfg.parallel.deepspeed_config)  # a bad file stops here, before work
     layout = setup_layout(cfg, device)
+    cfg.check_run_length(
+        total_tokens(cfg, batch_ramp(cfg, layout.dp))
+    )  # the token clock's run length needs the DP size
     if device.type == "cuda" and layout.world > 1:
         device = torch.device("cuda", torch.cuda.current_device())
     seed_everything(cfg.train.seed)
