@@ -238,6 +238,9 @@ def strip_launcher_args(argv: list[str]) -> list[str]:
 
 
 def main(argv: list[str] | None = None) -> int:
+    from tplus_dist.console import quiet_library_notices
+
+    quiet_library_notices()  # library notices once (rank 0) or not at all, before the libraries are imported
     argv = strip_launcher_args(list(sys.argv[1:] if argv is None else argv))
     if not argv or argv[0] in ("-h", "--help", "help"):
         print(USAGE)

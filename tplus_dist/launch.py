@@ -307,12 +307,26 @@ def main(argv: list[str], env: Mapping[str, str] | None = None) -> int:
     if hostfile is not None:
         print(f"tplus launch: hostfile {hostfile}:\n{hostfile_text(shape)}", end="", flush=True)
     print("tplus launch: " + shlex.join(cmd), flush=True)
+    env = rank_environment(o.launcher, shape, env)
     if o.dry_run:
         return 0
     if hostfile is not None:
         hostfile.write_text(hostfile_text(shape))
     signal.signal(signal.SIGUSR1, signal.SIG_IGN)  # inherited by the launcher; the ranks install their own
     return run_launcher(cmd, dict(env))
+
+
+def rank_environment(launcher: str, shape: JobShape, env: Mapping[str, str]) -> Mapping[str, str]:
+    """The launcher's environment. torchrun, given several processes per node and no OMP_NUM_THREADS, sets it to 1
+    for each rank and prints a four-line banner about it; here the same value is set before, and said in one line."""
+    if launcher != "torchrun" or shape.nproc_per_node <= 1 or "OMP_NUM_THREADS" in env:
+        return env
+    print(
+        "tplus launch: OMP_NUM_THREADS=1 for each rank (torchrun's default with several ranks per node; set "
+        "OMP_NUM_THREADS to give each rank more threads)",
+        flush=True,
+    )
+    return {**env, "OMP_NUM_THREADS": "1"}
 
 
 def descendants(pid: int) -> list[int]:

@@ -398,9 +398,13 @@ def test_bench_matrix_runs_each_configuration_in_its_own_process_and_prints_a_ta
             "--seq-len", "32", "--batch-size", "2", "--steps", "1", "--repeats", "1"]  # fmt: skip
     assert bench(args) == 0
     out = capsys.readouterr().out
-    table = out[out.index("MFU against the bf16 dense peak") :].splitlines()[1:]
-    assert table[0].split() == ["model", "provider", "tokens/s", "step", "s", "TFLOP/s", "MFU", "peak", "GB"]
-    rows = {line.split()[1]: line for line in table[1:]}
+    lines = out.splitlines()
+    header = ["model", "provider", "tokens/s", "step", "s", "TFLOP/s", "MFU", "peak", "GB"]
+    assert [line.split() for line in lines].count(header) == 1, out  # the table once (it was printed twice)
+    table = lines[[line.split() for line in lines].index(header) :]
+    assert "MFU against the bf16 dense peak" in table[-1]  # then where and how it was measured
+    rows = {line.split()[1]: line for line in table[1:-1]}
+    assert len(table[1:-1]) == len(rows) == 3 and all(out.count(line) == 1 for line in rows.values())
     assert set(rows) == {"torch-eager", "nanogpt-eager", "te-bf16"}
     assert float(rows["torch-eager"].split()[2].replace(",", "")) > 0  # measured tokens/s
     assert "unavailable: Transformer Engine needs a CUDA device" in rows["te-bf16"]

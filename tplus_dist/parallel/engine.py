@@ -147,7 +147,10 @@ def build_engine(
     JIT-compiles for most of a minute) and our model-parallel groups (a DeepSpeedMPU). Returns the engine."""
     import deepspeed  # imported on use: it takes seconds and probes the accelerator
 
-    engine, _, _, _ = deepspeed.initialize(model=model, optimizer=optimizer, config=dict(ds_config), mpu=mpu)
+    from tplus_dist.console import quiet_stdout
+
+    with quiet_stdout():  # (DeepSpeed prints "... built successfully" on every rank, even when it only loaded an op)
+        engine, _, _, _ = deepspeed.initialize(model=model, optimizer=optimizer, config=dict(ds_config), mpu=mpu)
     return engine
 
 
