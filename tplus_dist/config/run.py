@@ -114,9 +114,10 @@ class RunConfig:
 
     def check_run_length(self, total_tokens: int | None = None) -> RunConfig:
         """Refuse a warmup at least as long as the run: the rate would never reach optim.lr (warmup 500 over 10 steps
-        peaks at 2% of it). On the step clock against train.steps (:func:`load_config` checks it); on the token
-        clock against ``total_tokens``, the run's length in tokens, known once the data-parallel size is (the run's
-        start checks it). Raises ConfigError naming the warmup field."""
+        peaks at 2% of it). On the step clock against train.steps (:func:`load_config` checks it: `tplus
+        verify-resume --steps N`, which replays only the first N steps of a run, is not refused); on the token clock
+        against ``total_tokens``, the run's length in tokens, known once the data-parallel size is (the run's start
+        checks it). Raises ConfigError naming the warmup field."""
         s = self.schedule
         if s.unit == "steps":
             check(

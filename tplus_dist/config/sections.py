@@ -113,23 +113,24 @@ class OptimConfig:
 
 @dataclass
 class ScheduleConfig:
-    """Learning-rate schedule. Counted in optimizer steps."""
+    """Learning-rate schedule, on the clock ``unit`` names: optimizer steps or tokens. A field of the other clock, or of
+    another schedule, is refused (it would have no effect), and so is a warmup at least as long as the run."""
 
     name: Literal["cosine", "wsd", "constant", "inverse_sqrt"] = "cosine"
     """cosine: linear warmup then cosine to min_lr. wsd: warmup, stable, then decay (MiniCPM).
     constant: warmup then flat. inverse_sqrt: warmup then peak * sqrt(warmup / step) (Vaswani et al., ESPnet's
     "Noam"), not below min_lr."""
     warmup_steps: int = 100
-    """Linear warmup from peak/warmup_steps to the peak optim.lr."""
+    """unit steps: linear warmup from peak/warmup_steps to the peak optim.lr (shorter than train.steps)."""
     decay_steps: int | None = None
-    """Steps from the start to the end of decay. None: train.steps."""
+    """unit steps: steps from the start to the end of decay (cosine, wsd). None: train.steps."""
     min_lr: float = 1e-5
     """The floor the decay ends on."""
     unit: Literal["steps", "tokens"] = "steps"
     """The clock of warmup and decay: optimizer steps, or tokens (required with a growing batch, so that
     warmup and decay stay right as the batch grows)."""
     warmup_tokens: int = 0
-    """unit tokens: linear warmup over this many tokens."""
+    """unit tokens: linear warmup over this many tokens (fewer than the run's)."""
     decay_tokens: int | None = None
     """unit tokens: tokens from the start to the end of decay. None: the run's total tokens."""
     wsd_decay_fraction: float = 0.2

@@ -459,9 +459,8 @@ def build_trainer(cfg: RunConfig, run_dir: Path | None = None, stop: Any = None)
 
     ds_overrides = load_deepspeed_overrides(cfg.parallel.deepspeed_config)  # a bad file stops here, before work
     layout = setup_layout(cfg, device)
-    cfg.check_run_length(
-        total_tokens(cfg, batch_ramp(cfg, layout.dp))
-    )  # the token clock's run length needs the DP size
+    if cfg.schedule.unit == "tokens":  # the run's length in tokens is known now (the data-parallel size is)
+        cfg.check_run_length(total_tokens(cfg, batch_ramp(cfg, layout.dp)))
     if device.type == "cuda" and layout.world > 1:
         device = torch.device("cuda", torch.cuda.current_device())
     seed_everything(cfg.train.seed)
