@@ -18,7 +18,7 @@ NOTICES = [  # what every rank printed before (one line each), as the libraries 
     "Transformer Engine and Apex are not installed",  # megatron-core, four of them, at import
     "Setting accelerator to CPU",  # DeepSpeed's accelerator notice
     "built successfully",  # DeepSpeed's communication op
-    "OMP_NUM_THREADS",  # torchrun's banner (tplus launch now sets it and says so once)
+    "Setting OMP_NUM_THREADS environment variable for each process",  # torchrun's banner (tplus launch says it once)
     "CUDA_DEVICE_MAX_CONNECTIONS",  # megatron-core's tensor-parallel layers, about CUDA
     "c10d::broadcast_: an autograd kernel was not registered",  # the pipeline's tied-weight broadcast
     "is deprecated. Please use `torch.distributed",  # torch 2.13 on DeepSpeed's all_gather / reduce_scatter

@@ -293,6 +293,25 @@ def test_a_directory_given_as_the_config_is_named_as_a_directory(tmp_path: Path,
     assert f"config file {tmp_path} is a directory, not a YAML file" in err and "does not exist" not in err
 
 
+def test_data_paths_of_the_wrong_kind_are_named_as_such(tmp_path: Path, capsys) -> None:
+    from tplus_dist.config import ConfigError
+    from tplus_dist.data.tokenizers import build_tokenizer
+    from tplus_dist.parallel.engine import load_deepspeed_overrides
+
+    a_file = tmp_path / "shards.txt"
+    a_file.write_text("x")
+    args = _fast("--train.steps=2", f"--log.run_dir={tmp_path}/run", f"--data.cache_dir={CACHE}")
+    assert main(["train", "configs/tiny.yaml", *args, f"--data.shards={a_file}"]) == 2
+    assert f"data.shards: {a_file} is a file, not a directory written by `tplus prepare`" in capsys.readouterr().err
+    assert main(["train", "configs/tiny.yaml", *args, f"--data.shards={tmp_path / 'none'}"]) == 2
+    assert f"data.shards: {tmp_path / 'none'} does not exist" in capsys.readouterr().err
+    with pytest.raises(ConfigError, match="is a directory, not a DeepSpeed JSON file"):
+        load_deepspeed_overrides(str(tmp_path))
+    with pytest.raises(ValueError, match=r"is a directory, not a tokenizer\.json"):
+        build_tokenizer(str(tmp_path))
+    assert not (tmp_path / "run").exists()
+
+
 def test_a_file_given_to_resume_is_named_as_a_file(tmp_path: Path, capsys) -> None:
     not_a_checkpoint = tmp_path / "model.safetensors"
     not_a_checkpoint.write_bytes(b"x")

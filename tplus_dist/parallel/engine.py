@@ -87,8 +87,10 @@ def load_deepspeed_overrides(path: str | None) -> dict[str, Any]:
         return {}
     field = "parallel.deepspeed_config"
     file = Path(path)
+    if file.is_dir():
+        raise ConfigError(field, f"{path} is a directory, not a DeepSpeed JSON file")
     if not file.is_file():
-        raise ConfigError(field, f"{path} does not exist or is not a file")
+        raise ConfigError(field, f"{path} does not exist")
     try:
         data = json.loads(file.read_text())
     except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
