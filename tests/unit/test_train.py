@@ -312,6 +312,16 @@ def test_data_paths_of_the_wrong_kind_are_named_as_such(tmp_path: Path, capsys) 
     assert not (tmp_path / "run").exists()
 
 
+@pytest.mark.parametrize("split", ["--parallel.tensor_parallel=2", "--parallel.pipeline_parallel=2"])
+def test_a_model_split_on_one_process_is_refused_not_ignored(split: str, tmp_path: Path, capsys) -> None:
+    # before: one process trained the whole model, the split silently unused
+    args = _fast("--train.steps=2", f"--log.run_dir={tmp_path}/run", f"--data.cache_dir={CACHE}", split)
+    assert main(["train", "configs/tiny.yaml", *args]) == 2
+    err = capsys.readouterr().err
+    assert f"{split[2:].split('=')[0]}: (2) has no effect: it splits the model over 2 processes" in err
+    assert "tplus launch --nproc-per-node 2" in err and not (tmp_path / "run").exists()
+
+
 def test_a_file_given_to_resume_is_named_as_a_file(tmp_path: Path, capsys) -> None:
     not_a_checkpoint = tmp_path / "model.safetensors"
     not_a_checkpoint.write_bytes(b"x")

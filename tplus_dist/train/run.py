@@ -225,6 +225,16 @@ def setup_layout(cfg: RunConfig, device: torch.device) -> Layout:
     environment and the parallel layout are checked, and the process groups made, before any model is built."""
     world = int(os.environ.get("WORLD_SIZE", "1"))
     if world <= 1:
+        # a split of the model needs its processes: on one it would be ignored and the whole model trained instead
+        for name in ("tensor_parallel", "pipeline_parallel"):
+            size = getattr(cfg.parallel, name)
+            if size > 1:
+                raise ConfigError(
+                    f"parallel.{name}",
+                    f"({size}) has no effect: it splits the model over {size} processes, and this run is one "
+                    f"process; start it with tplus launch --nproc-per-node {cfg.parallel.model_parallel} (or "
+                    "torchrun), or set it to 1",
+                )
         return Layout()
     from tplus_dist.parallel.dims import ParallelDims, launch_env
     from tplus_dist.parallel.groups import init_process_groups
