@@ -145,3 +145,13 @@ def test_the_progress_bar_stays_out_of_a_redirected_log(capsys) -> None:
 class _Tty(io.StringIO):
     def isatty(self) -> bool:
         return True
+
+
+def test_prepare_draws_no_bar_into_a_redirected_stderr(tmp_path, capfd) -> None:
+    """`tplus prepare` (and a run preparing its corpus) wrote its tqdm bar into a log that is not a terminal."""
+    from tplus_dist.data.prepare import prepare
+
+    (tmp_path / "doc.txt").write_text("hello world, " * 200)
+    prepare([str(tmp_path / "doc.txt")], "bytes", 16, tmp_path / "out", progress=True)
+    err = capfd.readouterr().err  # a pipe here, as in a SLURM log
+    assert "\r" not in err and "prepare:" not in err
