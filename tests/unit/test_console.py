@@ -80,11 +80,12 @@ def test_the_deepspeed_accelerator_notice_is_kept_on_rank_0_only(monkeypatch):
     handler = Keep()
     logger.addHandler(handler)
     try:
-        quiet_library_notices(cuda=False)
-        for rank in (0, 1):
-            monkeypatch.setenv("RANK", str(rank))
-            logger.warning(DEEPSPEED_ACCELERATOR)
-            logger.warning("a real DeepSpeed warning")
+        with warnings.catch_warnings():  # (the warning filters it also installs are restored afterwards)
+            quiet_library_notices(cuda=False)
+            for rank in (0, 1):
+                monkeypatch.setenv("RANK", str(rank))
+                logger.warning(DEEPSPEED_ACCELERATOR)
+                logger.warning("a real DeepSpeed warning")
     finally:
         logger.removeHandler(handler)
     assert records == [DEEPSPEED_ACCELERATOR, "a real DeepSpeed warning", "a real DeepSpeed warning"]
