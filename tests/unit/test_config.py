@@ -513,3 +513,14 @@ def test_resolved_values_are_what_the_model_is_built_with():
     assert block.attn.wq.weight.shape == (cfg.n_heads * cfg.head_dim, cfg.d_model)
     assert block.attn.wk.weight.shape == (cfg.n_kv_heads * cfg.head_dim, cfg.d_model)
     assert (cfg.d_ff, cfg.head_dim, cfg.n_kv_heads) == (384, 128 // 4, 2)
+
+
+def test_a_derived_field_and_its_value_are_the_same_model_to_a_resume():
+    """A checkpoint saved from a config with d_ff derived (tiny's old preset: null, rounded to 128) is the model that
+    states d_ff 384: the resume check compares what the model is built with."""
+    from tplus_dist.checkpoint.manager import model_identity
+
+    now = load_config("configs/tiny.yaml").to_dict()["model"]
+    old = {**now, "d_ff": None, "d_ff_multiple": 128}  # 8/3 * 128 = 341.3, rounded up to 384
+    assert model_identity(old) == model_identity(now)
+    assert model_identity({**now, "d_ff": None})["d_ff"] == 512  # with the default multiple 256: another model
