@@ -278,8 +278,8 @@ def main(argv: list[str] | None = None) -> int:
         if len(models) > 1 or len(providers) > 1 or not args.json:
             passthrough = _drop_values(argv or [], ("--model", "--provider"))
             print(_HEADER, flush=True)
-            rows = run_matrix(models, providers, passthrough)
-            _print_matrix(rows, args)
+            rows = run_matrix(models, providers, passthrough)  # prints each row as it finishes: the table, once
+            _print_context(rows, args)
             return 0
     device = torch.device(args.device if args.device != "auto" else ("cuda" if torch.cuda.is_available() else "cpu"))
     path = args.model if args.model.endswith((".yaml", ".yml")) else f"models/{args.model}.yaml"
@@ -331,13 +331,12 @@ def _drop_values(argv: list[str], keys: tuple[str, ...]) -> list[str]:
     return out
 
 
-def _print_matrix(rows: list[dict[str, object]], args: argparse.Namespace) -> None:
+def _print_context(rows: list[dict[str, object]], args: argparse.Namespace) -> None:
+    """The line under the table that says where and how it was measured (the rows were printed as they came: printing
+    them again here showed the table twice)."""
     device = "cuda" if torch.cuda.is_available() and args.device in ("auto", "cuda") else "cpu"
     name = torch.cuda.get_device_name() if device == "cuda" else f"cpu ({torch.get_num_threads()} threads)"
     first = next((r for r in rows if "unavailable" not in r), None)
     shape = f"batch {first['batch']} x seq {first['seq']}, {first['dtype']}" if first else ""
-    print(f"\n{time.strftime('%Y-%m-%d')}; device {name}; torch {torch.__version__}; {shape}; median of "
+    print(f"{time.strftime('%Y-%m-%d')}; device {name}; torch {torch.__version__}; {shape}; median of "
           f"{args.repeats} x {args.steps} steps; MFU against the bf16 dense peak (also for FP8 rows)")  # fmt: skip
-    print(_HEADER)
-    for row in rows:
-        print(_row_text(row))

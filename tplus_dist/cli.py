@@ -69,8 +69,16 @@ def _resume_flag(argv: list[str]) -> list[str]:
     return out
 
 
+def _usage_error(message: str) -> int:
+    """``tplus: MESSAGE`` and the usage on stderr; exit code 2 (bad input)."""
+    print(f"tplus: {message}\n\n{USAGE}", file=sys.stderr, flush=True)
+    return exitcodes.report(exitcodes.BAD_INPUT)
+
+
 def cmd_train(argv: list[str]) -> int:
     config, overrides = _split(_resume_flag(argv))
+    if config is None:  # (no built-in default run: that would train a 134M-parameter model on a guessed corpus)
+        return _usage_error("train needs a CONFIG file, e.g. tplus train configs/tiny.yaml")
     cfg = load_config(config, overrides)
     from tplus_dist.train.run import train_run
 
@@ -99,8 +107,10 @@ def cmd_train(argv: list[str]) -> int:
 
 
 def cmd_config(argv: list[str]) -> int:
+    """The resolved config: what the file and overrides say, with every derived field (null in the file) at the value
+    a run uses (RunConfig.resolved). Without CONFIG, the defaults."""
     config, overrides = _split(argv)
-    print(load_config(config, overrides).to_yaml(), end="")
+    print(load_config(config, overrides).resolved().to_yaml(), end="")
     return 0
 
 
@@ -144,6 +154,8 @@ def cmd_verify_resume(argv: list[str]) -> int:
     if steps is None:
         raise ValueError("verify-resume needs --steps N (the length of the run to compare)")
     config, overrides = _split(rest)
+    if config is None:
+        return _usage_error("verify-resume needs a CONFIG file, e.g. tplus verify-resume configs/tiny.yaml --steps 8")
     cfg = load_config(config, overrides)
     from pathlib import Path
 
@@ -229,6 +241,9 @@ def strip_launcher_args(argv: list[str]) -> list[str]:
 
 
 def main(argv: list[str] | None = None) -> int:
+    from tplus_dist.console import quiet_library_notices
+
+    quiet_library_notices()  # library notices once (rank 0) or not at all, before the libraries are imported
     argv = strip_launcher_args(list(sys.argv[1:] if argv is None else argv))
     if not argv or argv[0] in ("-h", "--help", "help"):
         print(USAGE)

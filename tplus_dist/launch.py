@@ -159,6 +159,8 @@ def _cuda_devices() -> int:
 def check_job(shape: JobShape, config: str, overrides: list[str], connect_timeout: float) -> None:
     """Everything that can fail before a rank starts; LaunchError / ConfigError naming what."""
     path = Path(config)
+    if path.is_dir():
+        raise LaunchError(f"the config file {config} is a directory, not a YAML file")
     if not path.is_file():
         raise LaunchError(f"the config file {config} does not exist on {socket.gethostname()} (node {shape.node_rank})"
                           "; every node must see the same path (a shared filesystem or the image)")  # fmt: skip
@@ -252,6 +254,10 @@ _TYPES: dict[str, type] = {
 }
 
 
+_LEAST: dict[str, float] = {"nproc_per_node": 1, "nodes": 1, "node_rank": 0, "master_port": 1, "connect_timeout": 0}
+"""The smallest value each numeric option takes: 0 processes or nodes would not silently become one."""
+
+
 def parse(argv: list[str]) -> LaunchOptions:
     """The launch options, then the config file and its overrides (passed on to every rank unchanged)."""
     values: dict[str, object] = {}
@@ -274,6 +280,10 @@ def parse(argv: list[str]) -> LaunchOptions:
         except ValueError:
             raise LaunchError(f"{key}: expected {_TYPES[name].__name__}, got {value!r}") from None
         i += 1
+    for name, least in _LEAST.items():
+        given = values.get(name)
+        if isinstance(given, (int, float)) and given < least:
+            raise LaunchError(f"--{name.replace('_', '-')} must be at least {least:g}, got {given}")
     rest = argv[i:]
     if not rest or rest[0].startswith("--"):
         raise LaunchError(f"the config file comes first after the launch options\n{USAGE}")
@@ -297,12 +307,26 @@ def main(argv: list[str], env: Mapping[str, str] | None = None) -> int:
     if hostfile is not None:
         print(f"tplus launch: hostfile {hostfile}:\n{hostfile_text(shape)}", end="", flush=True)
     print("tplus launch: " + shlex.join(cmd), flush=True)
+    env = rank_environment(o.launcher, shape, env)
     if o.dry_run:
         return 0
     if hostfile is not None:
         hostfile.write_text(hostfile_text(shape))
     signal.signal(signal.SIGUSR1, signal.SIG_IGN)  # inherited by the launcher; the ranks install their own
     return run_launcher(cmd, dict(env))
+
+
+def rank_environment(launcher: str, shape: JobShape, env: Mapping[str, str]) -> Mapping[str, str]:
+    """The launcher's environment. torchrun, given several processes per node and no OMP_NUM_THREADS, sets it to 1
+    for each rank and prints a four-line banner about it; here the same value is set before, and said in one line."""
+    if launcher != "torchrun" or shape.nproc_per_node <= 1 or "OMP_NUM_THREADS" in env:
+        return env
+    print(
+        "tplus launch: OMP_NUM_THREADS=1 for each rank (torchrun's default with several ranks per node; set "
+        "OMP_NUM_THREADS to give each rank more threads)",
+        flush=True,
+    )
+    return {**env, "OMP_NUM_THREADS": "1"}
 
 
 def descendants(pid: int) -> list[int]:

@@ -47,7 +47,12 @@ def test_data_parallel_zero_equals_one_process(tmp_path: Path, zero: int) -> Non
 
 @pytest.mark.slow
 def test_data_parallel_with_a_growing_batch_equals_one_process(tmp_path: Path) -> None:
-    ramp = ["--schedule.unit=tokens", "--schedule.warmup_tokens=512", "--train.batch_ramp_tokens=1024"]
+    ramp = [
+        "--schedule.unit=tokens",
+        "--schedule.warmup_steps=0",
+        "--schedule.warmup_tokens=512",
+        "--train.batch_ramp_tokens=1024",
+    ]
     # one process: 4 -> 8 per replica; two ranks: 2 x (2 -> 4): the same global batches 4 -> 8
     single = _single(
         tmp_path, *ramp, "--train.grad_accum=2", "--train.batch_size_start=4", "--train.batch_size_increment=4"

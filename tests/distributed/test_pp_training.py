@@ -118,7 +118,12 @@ def test_interleaved_pipeline_and_data_parallel_with_evaluation_equal_one_proces
 @pytest.mark.slow
 def test_interleaved_pipeline_with_a_growing_batch_equals_one_process(tmp_path: Path) -> None:
     # the micro-batch count grows 2 -> 4 during the run: each count gets its own schedule and stages
-    ramp = ["--schedule.unit=tokens", "--schedule.warmup_tokens=256", "--train.batch_ramp_tokens=512"]
+    ramp = [
+        "--schedule.unit=tokens",
+        "--schedule.warmup_steps=0",
+        "--schedule.warmup_tokens=256",
+        "--train.batch_ramp_tokens=512",
+    ]
     batch = ["--train.micro_batch_size=2", "--train.grad_accum=4", "--train.batch_size_start=4"]
     batch += ["--train.batch_size_increment=4"]
     compare(

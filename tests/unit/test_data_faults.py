@@ -27,6 +27,7 @@ TRAIN = [  # the smallest run that reaches the data: a damaged file must stop it
     "train",
     "configs/tiny.yaml",
     "--train.steps=1",
+    "--schedule.warmup_steps=0",  # (tiny's 20-step warmup would outlast the run: refused)
     "--train.micro_batch_size=4",
     "--train.eval_interval=0",
     f"--model.seq_len={SEQ}",

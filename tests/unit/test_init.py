@@ -22,7 +22,10 @@ STD_TOL = 0.03  # relative
 
 def build(seed: int = 0, **overrides: Any) -> Decoder:
     torch.manual_seed(seed)
-    return build_model(ModelConfig(**{**MEDIUM, **overrides}))
+    merged = {**MEDIUM, **overrides}
+    if merged.get("d_ff") is not None or not ModelConfig(**merged).gated:
+        merged.pop("d_ff_multiple")  # it has no effect there, and a setting without effect is refused
+    return build_model(ModelConfig(**merged))
 
 
 def assert_std(t: torch.Tensor, expected: float, what: str) -> None:
@@ -213,7 +216,7 @@ def update_sizes(init: str, width: int) -> dict[str, float]:
     (the residual stream entering the final norm), at one width."""
     cfg = ModelConfig(
         vocab_size=64, pad_vocab_multiple=64, n_layers=2, d_model=width, n_heads=4, seq_len=16, d_ff_multiple=16,
-        init=init, mup_base_d_model=64,
+        init=init, **({"mup_base_d_model": 64} if init == "mup" else {}),  # (a muP setting: refused otherwise)
     )  # fmt: skip
     torch.manual_seed(0)
     model = build_model(cfg)

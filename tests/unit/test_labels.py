@@ -155,6 +155,7 @@ def _config_args(labeled: Path, tmp_path: Path, *extra: str) -> list[str]:
     return [
         f"--model.seq_len={SEQ}",
         "--train.steps=3",
+        "--schedule.warmup_steps=1",  # (tiny's 20-step warmup would outlast the run: refused)
         "--train.micro_batch_size=4",
         "--train.eval_interval=3",
         "--train.eval_samples=8",
@@ -198,9 +199,10 @@ def test_labels_are_checked_before_the_run_starts(
         build_trainer(_config(labeled, tmp_path, "--model.n_conditions=2"))
     assert not (tmp_path / "run").exists()  # nothing written
     with pytest.raises(ConfigError, match=r"data\.labels: is true, but the model takes no label"):
-        _config(labeled, tmp_path, "--model.adaln=none", "--data.labels=true").validate()
+        _config(labeled, tmp_path, "--model.adaln=none", "--model.n_conditions=0", "--data.labels=true").validate()
     plain = tmp_path / "plain"
-    prepare(write_inputs(tmp_path / "in"), "bytes", SEQ, plain, progress=False)
+    # (with a validation split: the config evaluates, and an eval_interval without one is refused)
+    prepare(write_inputs(tmp_path / "in"), "bytes", SEQ, plain, val_fraction=0.3, progress=False)
     with pytest.raises(ConfigError, match=r"data\.labels: is true, but the shards at .* carry no labels"):
         build_trainer(_config(plain, tmp_path, "--data.labels=true"))
     build_trainer(_config(plain, tmp_path))  # null: trains unconditioned, and says so

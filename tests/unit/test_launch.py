@@ -103,3 +103,25 @@ def test_the_cli_reports_launch_errors_in_one_line(capsys):
     err = capsys.readouterr().err
     assert err.startswith("tplus: launch error: the config file configs/nope.yaml does not exist on ")
     assert socket.gethostname() in err  # the node is named: configs differ between nodes only by mistake
+
+
+@pytest.mark.parametrize(
+    "option, value",
+    [("--nproc-per-node", "0"), ("--nproc-per-node", "-2"), ("--nodes", "0"), ("--node-rank", "-1"),
+     ("--master-port", "0"), ("--connect-timeout", "-5")],
+)  # fmt: skip
+def test_a_count_below_its_least_is_refused_not_silently_replaced(option: str, value: str, capsys):
+    from tplus_dist.cli import main as cli
+
+    # before: --nproc-per-node 0 ran one rank (0 fell through to the GPU count, then 1)
+    assert cli(["launch", option, value, "--dry-run", "configs/tiny.yaml"]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith(f"tplus: launch error: {option} must be at least ") and f"got {value}" in err
+    assert err.count("\n") == 1
+
+
+def test_a_config_path_that_is_a_directory_is_named_before_launch(tmp_path, capsys):
+    from tplus_dist.cli import main as cli
+
+    assert cli(["launch", "--dry-run", str(tmp_path)]) == 2
+    assert f"the config file {tmp_path} is a directory, not a YAML file" in capsys.readouterr().err

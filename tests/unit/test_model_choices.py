@@ -16,7 +16,7 @@ from torch.autograd import gradcheck
 from torch.func import functional_call
 
 from tplus_dist.backends import get_provider
-from tplus_dist.config import ModelConfig
+from tplus_dist.config import ConfigError, ModelConfig
 from tplus_dist.model import build_model, lm_loss
 from tplus_dist.model.attention import Attention, AttentionCore, attention_mask
 from tplus_dist.model.block import Block
@@ -34,7 +34,14 @@ LOCAL = dict(sliding_window=3, layer_pattern=["local"])
 
 
 def tiny_cfg(**overrides: Any) -> ModelConfig:
-    cfg = ModelConfig(**{**TINY, **overrides})
+    merged = {**TINY, **overrides}
+    cfg = ModelConfig(**merged)
+    # a base setting that the combination makes dead is dropped (validation refuses a setting that has no effect)
+    if cfg.d_ff is not None or not cfg.gated:
+        merged.pop("d_ff_multiple", None)
+    if cfg.init == "t5":
+        merged.pop("init_std", None)
+    cfg = ModelConfig(**merged)
     cfg.validate()
     return cfg
 
@@ -184,7 +191,7 @@ def test_norms_compute_in_fp32_for_half_inputs():
 
 @pytest.mark.parametrize("kind", ["rmsnorm", "layernorm"])
 def test_qk_norm_normalizes_each_head_over_head_dim(kind: str):
-    cfg = tiny_cfg(qk_norm=kind, norm_bias=True, position="none")
+    cfg = tiny_cfg(qk_norm=kind, norm_bias=kind == "layernorm", position="none")
     torch.manual_seed(0)
     attn = Attention(cfg, 0, get_provider(), rotary=None)
     randomize_norm_gains(attn)
@@ -400,7 +407,9 @@ def test_linear_and_norm_biases_are_separate_switches(linear_bias: bool, norm_bi
 
 
 def test_rmsnorm_never_has_a_bias():
-    model = build(norm="rmsnorm", norm_bias=True, qk_norm="rmsnorm")
+    with pytest.raises(ConfigError, match=r"model\.norm_bias: \(true\) has no effect: only a layernorm has a bias"):
+        build(norm="rmsnorm", norm_bias=True, qk_norm="rmsnorm")  # refused rather than silently ignored
+    model = build(norm="rmsnorm", qk_norm="rmsnorm")
     rms_norms = [m for m in model.modules() if isinstance(m, RMSNorm)]
     assert len(rms_norms) == 4 * model.cfg.n_layers + 1
     assert all([n for n, _ in m.named_parameters()] == ["weight"] for m in rms_norms)

@@ -313,7 +313,11 @@ def test_unwritable_run_or_checkpoint_directories_stop_before_any_work(tmp_path:
 
 def test_a_refused_resume_creates_no_run_directory(tmp_path: Path, capsys) -> None:
     first = tmp_path / "first"
-    train(load_config("configs/tiny.yaml", [*BASE, "--train.steps=2", f"--log.run_dir={first}"]))
+    train(
+        load_config(
+            "configs/tiny.yaml", [*BASE, "--train.steps=2", "--schedule.warmup_steps=1", f"--log.run_dir={first}"]
+        )
+    )
     before = sorted(p.name for p in tmp_path.iterdir())
     for other in (["--model.n_layers=3"], ["--optim.name=adafactor"]):
         args = ["train", "configs/tiny.yaml", *BASE, f"--log.run_dir={first}", f"--resume={first / 'checkpoints'}"]
@@ -413,7 +417,14 @@ def test_a_checkpoint_directory_of_another_run_is_refused_and_its_checkpoint_res
     tmp_path: Path, capsys
 ) -> None:
     shared = tmp_path / "shared-ckpts"
-    a = ["train", "configs/tiny.yaml", *BASE, "--train.steps=2", f"--checkpoint.dir={shared}"]
+    a = [
+        "train",
+        "configs/tiny.yaml",
+        *BASE,
+        "--train.steps=2",
+        "--schedule.warmup_steps=1",
+        f"--checkpoint.dir={shared}",
+    ]
     assert main([*a, f"--log.run_dir={tmp_path / 'a'}"]) == 0
     assert (
         json.loads((tmp_path / "a" / "run.json").read_text())["id"] == read_manifest(shared / step_name(2))["run"]["id"]

@@ -26,10 +26,25 @@ FAST = [
 CACHE = Path(__file__).resolve().parents[2] / ".cache" / "tplus-tests"
 
 
+def _fast(*extra: str) -> list[str]:
+    """FAST, then ``extra``, without what ``extra`` makes dead in FAST (a setting that has no effect is refused): the
+    step warmup on the token clock, eval_samples without evaluation; on a short run the warmup shrinks below it."""
+    given = dict(a.split("=", 1) for a in extra if "=" in a)
+    steps = int(given.get("--train.steps", "30"))
+    out = []
+    for a in FAST:
+        if a.startswith("--schedule.warmup_steps="):
+            a = f"--schedule.warmup_steps={0 if given.get('--schedule.unit') == 'tokens' else min(5, steps - 1)}"
+        if a.startswith("--train.eval_samples=") and given.get("--train.eval_interval") == "0":
+            continue
+        out.append(a)
+    return [*out, *extra]
+
+
 def _cfg(tmp_path: Path, *extra: str):
     # one prepared corpus (pydoc, bytes, seq 64) shared by the tests: prepared on first use, then reused
     return load_config(
-        "configs/tiny.yaml", [*FAST, f"--log.run_dir={tmp_path}/{{name}}", f"--data.cache_dir={CACHE}", *extra]
+        "configs/tiny.yaml", _fast(f"--log.run_dir={tmp_path}/{{name}}", f"--data.cache_dir={CACHE}", *extra)
     )
 
 
@@ -119,8 +134,7 @@ def test_cli_train_and_bad_config_writes_nothing(tmp_path: Path, capsys: pytest.
     args = [
         "train",
         "configs/tiny.yaml",
-        *FAST,
-        "--train.steps=2",
+        *_fast("--train.steps=2"),
         f"--log.run_dir={tmp_path}/ok",
         f"--data.cache_dir={CACHE}",
     ]
@@ -256,6 +270,95 @@ def test_config_command_prints_resolved_yaml(capsys: pytest.CaptureFixture[str])
     assert "n_layers: 3" in out and "d_model: 128" in out
 
 
+def test_config_command_prints_the_derived_fields_a_run_uses(capsys: pytest.CaptureFixture[str]) -> None:
+    import yaml
+
+    overrides = ["--model.d_model=192", "--model.n_heads=6", "--model.d_ff=null", "--model.d_ff_multiple=64"]
+    assert main(["config", "configs/tiny.yaml", *overrides]) == 0
+    out = yaml.safe_load(capsys.readouterr().out)
+    m = out["model"]
+    # head_dim = 192 / 6 = 32; SwiGLU d_ff = 8/3 * 192 = 512, a multiple of 64 already; n_kv_heads as tiny.yaml sets
+    assert (m["head_dim"], m["d_ff"], m["n_kv_heads"]) == (32, 512, 2)
+    assert m["softmax_scale"] == pytest.approx(32**-0.5)
+    assert out["train"]["seq_len"] == 128 and out["data"]["seed"] == out["train"]["seed"] == 1234
+    assert out["schedule"]["decay_steps"] == 300  # cosine ends at train.steps
+    assert None not in (m["head_dim"], m["d_ff"], m["n_kv_heads"], m["softmax_scale"])
+
+
+def test_train_without_a_config_prints_the_usage_and_exits_2(capsys: pytest.CaptureFixture[str]) -> None:
+    # before: it trained a 134M-parameter default model (preparing a corpus first)
+    assert main(["train"]) == 2
+    err = capsys.readouterr().err
+    assert "train needs a CONFIG file" in err and "commands:" in err
+    assert main(["train", "--train.steps=3"]) == 2
+    assert main(["verify-resume", "--steps", "4"]) == 2
+
+
+def test_a_directory_given_as_the_config_is_named_as_a_directory(tmp_path: Path, capsys) -> None:
+    assert main(["train", str(tmp_path)]) == 2
+    err = capsys.readouterr().err
+    assert f"config file {tmp_path} is a directory, not a YAML file" in err and "does not exist" not in err
+
+
+def test_data_paths_of_the_wrong_kind_are_named_as_such(tmp_path: Path, capsys) -> None:
+    from tplus_dist.config import ConfigError
+    from tplus_dist.data.tokenizers import build_tokenizer
+    from tplus_dist.parallel.engine import load_deepspeed_overrides
+
+    a_file = tmp_path / "shards.txt"
+    a_file.write_text("x")
+    args = _fast("--train.steps=2", f"--log.run_dir={tmp_path}/run", f"--data.cache_dir={CACHE}")
+    assert main(["train", "configs/tiny.yaml", *args, f"--data.shards={a_file}"]) == 2
+    assert f"data.shards: {a_file} is a file, not a directory written by `tplus prepare`" in capsys.readouterr().err
+    assert main(["train", "configs/tiny.yaml", *args, f"--data.shards={tmp_path / 'none'}"]) == 2
+    assert f"data.shards: {tmp_path / 'none'} does not exist" in capsys.readouterr().err
+    with pytest.raises(ConfigError, match="is a directory, not a DeepSpeed JSON file"):
+        load_deepspeed_overrides(str(tmp_path))
+    with pytest.raises(ValueError, match=r"is a directory, not a tokenizer\.json"):
+        build_tokenizer(str(tmp_path))
+    assert not (tmp_path / "run").exists()
+
+
+@pytest.mark.parametrize("split", ["--parallel.tensor_parallel=2", "--parallel.pipeline_parallel=2"])
+def test_a_model_split_on_one_process_is_refused_not_ignored(split: str, tmp_path: Path, capsys) -> None:
+    # before: one process trained the whole model, the split silently unused
+    args = _fast("--train.steps=2", f"--log.run_dir={tmp_path}/run", f"--data.cache_dir={CACHE}", split)
+    assert main(["train", "configs/tiny.yaml", *args]) == 2
+    err = capsys.readouterr().err
+    assert f"{split[2:].split('=')[0]}: (2) has no effect: it splits the model over 2 processes" in err
+    assert "tplus launch --nproc-per-node 2" in err and not (tmp_path / "run").exists()
+
+
+def test_a_file_given_to_resume_is_named_as_a_file(tmp_path: Path, capsys) -> None:
+    not_a_checkpoint = tmp_path / "model.safetensors"
+    not_a_checkpoint.write_bytes(b"x")
+    args = _fast("--train.steps=2", f"--log.run_dir={tmp_path}/run", f"--data.cache_dir={CACHE}")
+    assert main(["train", "configs/tiny.yaml", *args, f"--resume={not_a_checkpoint}"]) == 2
+    assert f"{not_a_checkpoint} is a file, not a checkpoint directory" in capsys.readouterr().err
+    assert not (tmp_path / "run").exists()
+
+
+def test_a_token_warmup_as_long_as_the_run_in_tokens_is_refused_before_anything_is_created(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    # 2 steps x micro-batch 8 x 64 tokens (one process) = 1024 tokens
+    args = _fast("--train.steps=2", "--schedule.unit=tokens", "--schedule.warmup_tokens=1024",
+                 f"--log.run_dir={tmp_path}/run", f"--data.cache_dir={CACHE}")  # fmt: skip
+    assert main(["train", "configs/tiny.yaml", *args]) == 2
+    err = capsys.readouterr().err
+    assert "schedule.warmup_tokens: (1024) is at least the whole run (1024 tokens" in err
+    assert not (tmp_path / "run").exists()
+
+
+def test_an_eval_interval_without_a_validation_split_is_refused(tmp_path: Path, capsys) -> None:
+    args = _fast("--train.steps=2", "--data.val_fraction=0", "--train.eval_interval=1",
+                 f"--log.run_dir={tmp_path}/run", f"--data.cache_dir={CACHE}")  # fmt: skip
+    assert main(["train", "configs/tiny.yaml", *args]) == 2
+    err = capsys.readouterr().err
+    assert "train.eval_interval: (1) has no effect: the shards at " in err and "no validation split" in err
+    assert not (tmp_path / "run").exists()
+
+
 def test_metrics_lines_are_json(tmp_path: Path) -> None:
     run_dir, _ = train(_cfg(tmp_path, "--train.steps=2", "--log.tensorboard=false"))
     for line in (run_dir / "metrics.jsonl").read_text().splitlines():
@@ -331,9 +434,13 @@ def test_bench_matrix_runs_each_configuration_in_its_own_process_and_prints_a_ta
             "--seq-len", "32", "--batch-size", "2", "--steps", "1", "--repeats", "1"]  # fmt: skip
     assert bench(args) == 0
     out = capsys.readouterr().out
-    table = out[out.index("MFU against the bf16 dense peak") :].splitlines()[1:]
-    assert table[0].split() == ["model", "provider", "tokens/s", "step", "s", "TFLOP/s", "MFU", "peak", "GB"]
-    rows = {line.split()[1]: line for line in table[1:]}
+    lines = out.splitlines()
+    header = ["model", "provider", "tokens/s", "step", "s", "TFLOP/s", "MFU", "peak", "GB"]
+    assert [line.split() for line in lines].count(header) == 1, out  # the table once (it was printed twice)
+    table = lines[[line.split() for line in lines].index(header) :]
+    assert "MFU against the bf16 dense peak" in table[-1]  # then where and how it was measured
+    rows = {line.split()[1]: line for line in table[1:-1]}
+    assert len(table[1:-1]) == len(rows) == 3 and all(out.count(line) == 1 for line in rows.values())
     assert set(rows) == {"torch-eager", "nanogpt-eager", "te-bf16"}
     assert float(rows["torch-eager"].split()[2].replace(",", "")) > 0  # measured tokens/s
     assert "unavailable: Transformer Engine needs a CUDA device" in rows["te-bf16"]

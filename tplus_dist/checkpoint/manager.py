@@ -41,7 +41,7 @@ from tplus_dist.checkpoint.store import (
     remove_stale_staging,
     verify_files,
 )
-from tplus_dist.config import ConfigError, RunConfig, to_dict
+from tplus_dist.config import ConfigError, ModelConfig, RunConfig, from_dict, to_dict
 from tplus_dist.faults import active, inject
 from tplus_dist.parallel import comm
 
@@ -126,6 +126,17 @@ class _Pending:
     entries: dict[str, Any] = field(default_factory=dict)
     error: str | None = None
     stall: float = 0.0
+
+
+def model_identity(model: dict[str, Any]) -> dict[str, Any]:
+    """A model section as the values that make the model: derived fields resolved (ModelConfig.resolved), without
+    d_ff_multiple (it acts only through d_ff). A section that no longer loads (a field since renamed) stays as it is."""
+    try:
+        resolved = to_dict(from_dict(ModelConfig, model, "model").resolved())
+    except ConfigError:
+        return dict(model)
+    resolved.pop("d_ff_multiple", None)
+    return dict(resolved)
 
 
 class CheckpointManager:
@@ -336,9 +347,11 @@ class CheckpointManager:
         return ours
 
     def check_model(self, ckpt: Checkpoint) -> None:
-        """The model must be the one saved: ConfigError listing each field that differs."""
-        saved = ckpt.manifest["config"]["model"]
-        now = to_dict(self.cfg)["model"]
+        """The model must be the one saved: ConfigError listing each field that differs. Derived fields compare by
+        the value the model is built with (a null d_ff and the d_ff it derives are the same model; d_ff_multiple
+        counts only through d_ff)."""
+        saved = model_identity(ckpt.manifest["config"]["model"])
+        now = model_identity(to_dict(self.cfg)["model"])
         diffs = [
             f"model.{k}: checkpoint {saved.get(k)!r}, config {now.get(k)!r}" for k in now if saved.get(k) != now[k]
         ]

@@ -152,3 +152,26 @@ def check(cond: bool, field: str, reason: str) -> None:
     """Raise ConfigError(field, reason) unless ``cond``; reads like the rule it enforces."""
     if not cond:
         raise ConfigError(field, reason)
+
+
+def is_set(obj: Any, name: str) -> bool:
+    """Whether field ``name`` of the dataclass ``obj`` holds another value than its declared default: a value that a
+    file, a preset or an override gave it (the default itself cannot be told from "not given", and is accepted)."""
+    f = {f.name: f for f in dataclasses.fields(obj)}[name]
+    default = f.default_factory() if f.default_factory is not dataclasses.MISSING else f.default
+    return bool(getattr(obj, name) != default)
+
+
+def check_unused(
+    obj: Any, prefix: str, names: tuple[str, ...] | list[str], reason: str, off: tuple[Any, ...] = ()
+) -> None:
+    """Refuse a setting that has no effect under the others: raise ConfigError naming the first of ``names`` that
+    :func:`is_set`, with its value and ``reason`` (why nothing reads it, and what takes effect instead). A setting
+    accepted and then silently ignored is a wrong result that looks right; a default is never refused, so presets
+    and partial configs still load. Values in ``off`` (e.g. 0: "none of it") are accepted too, so that an override
+    can switch off what a file set."""
+    for name in names:
+        if is_set(obj, name) and getattr(obj, name) not in off:
+            value = to_dict(getattr(obj, name))
+            shown = "null" if value is None else str(value).lower() if isinstance(value, bool) else repr(value)
+            raise ConfigError(f"{prefix}.{name}", f"({shown}) has no effect: {reason}")

@@ -2,22 +2,25 @@
 
 from __future__ import annotations
 
+import dataclasses
 import math
 from dataclasses import dataclass, field
 from typing import Literal
 
-from tplus_dist.config.base import check
+from tplus_dist.config.base import check, check_unused
 
 NormKind = Literal["layernorm", "rmsnorm", "biasnorm"]
 NormPlacement = Literal["pre", "post", "sandwich", "reordered"]
 PositionKind = Literal["learned", "sinusoidal", "rope", "alibi", "t5_bias", "shaw", "none"]
 RELATIVE_POSITION_FIELDS = {
+    "rope_theta": "rope",
+    "rope_fraction": "rope",
     "t5_bias_buckets": "t5_bias",
     "t5_bias_max_distance": "t5_bias",
     "t5_bias_shared": "t5_bias",
     "shaw_max_distance": "shaw",
 }
-"""The settings of each learned relative-position choice (refused with another position)."""
+"""The settings of each position choice (refused with another position, which would ignore them)."""
 QKNormKind = Literal["none", "rmsnorm", "layernorm"]
 QKNormScope = Literal["head", "projection"]
 Activation = Literal[
@@ -224,6 +227,13 @@ class ModelConfig:
             return 1.0 / self.dim_head
         return 1.0 / math.sqrt(self.dim_head)
 
+    def resolved(self) -> ModelConfig:
+        """A copy with every derived field (None in the config) set to the value the model is built with: n_kv_heads,
+        head_dim, d_ff and softmax_scale, from the properties above (the one place they are computed)."""
+        return dataclasses.replace(
+            self, n_kv_heads=self.kv_heads, head_dim=self.dim_head, d_ff=self.ffn_dim, softmax_scale=self.attn_scale
+        )
+
     def layer_is_local(self, layer: int) -> bool:
         return self.sliding_window is not None and self.layer_pattern[layer % len(self.layer_pattern)] == "local"
 
@@ -259,16 +269,16 @@ class ModelConfig:
                 f"RoPE rotates pairs of dimensions, so head_dim must be even, got {self.dim_head}",
             )
             check(self.rope_dim > 0, p + "rope_fraction", "rotates no dimension of head_dim")
-        # A relative-position setting belongs to its choice: given with another position it would be ignored
-        # silently (ALiBi plus T5 buckets, RoPE plus a Shaw clip), so it is named instead.
+        # A position setting belongs to its choice: given with another position it would be ignored silently
+        # (ALiBi plus T5 buckets, RoPE plus a Shaw clip, learned positions plus a RoPE base), so it is named instead.
         defaults = ModelConfig.__dataclass_fields__
         for name, owner in RELATIVE_POSITION_FIELDS.items():
             value = getattr(self, name)
             check(
                 self.position == owner or value == defaults[name].default,
                 p + name,
-                f"({value}) is a setting of position {owner}, but model.position is {self.position!r}: one position "
-                f"choice at a time; remove {name}, or set position: {owner}",
+                f"({value}) has no effect: it is a setting of position {owner}, and model.position is "
+                f"{self.position!r} (one position choice at a time); remove {name}, or set position: {owner}",
             )
         if self.position == "t5_bias":
             check(self.t5_bias_buckets >= 2, p + "t5_bias_buckets", f"must be at least 2, got {self.t5_bias_buckets}")
@@ -340,3 +350,44 @@ class ModelConfig:
         for name in ("embed_dropout", "attn_dropout", "resid_dropout"):
             v = getattr(self, name)
             check(0 <= v < 1, p + name, f"must be in [0, 1), got {v}")
+        self._check_unused(prefix)
+
+    def _check_unused(self, prefix: str) -> None:
+        """Settings that another choice makes dead are refused, naming what takes effect instead."""
+        kinds = {self.norm} | ({self.qk_norm} if self.qk_norm != "none" else set())
+        if "layernorm" not in kinds:
+            check_unused(
+                self, prefix, ("norm_bias",),
+                f"only a layernorm has a bias, and model.norm is {self.norm!r} with qk_norm {self.qk_norm!r} (the "
+                "embed_norm LayerNorm always has one)",
+            )  # fmt: skip
+        if kinds == {"biasnorm"}:
+            check_unused(
+                self, prefix, ("norm_unit_offset",),
+                "biasnorm has no gain to offset (its scale is exp(s)), and no other norm is used",
+            )  # fmt: skip
+        if self.d_ff is not None:
+            check_unused(
+                self, prefix, ("d_ff_multiple",), f"it rounds a derived d_ff, but model.d_ff is set ({self.d_ff})"
+            )
+        elif not self.gated:
+            check_unused(
+                self, prefix, ("d_ff_multiple",),
+                f"it rounds the derived d_ff of gated activations, and {self.activation!r} is not gated (d_ff = 4 * "
+                "d_model)",
+            )  # fmt: skip
+        if self.adaln == "none":
+            check_unused(
+                self, prefix, ("n_conditions",), "model.adaln is 'none'; set adaln (or adaln_zero) to use labels"
+            )
+        if self.init == "t5":
+            check_unused(
+                self, prefix, ("init_std",), "init t5 derives every scale from the shapes (Mesh-TensorFlow's scheme)"
+            )
+        if self.init != "mup":
+            check_unused(
+                self,
+                prefix,
+                ("mup_base_d_model", "mup_output_mult"),
+                f"it is a muP setting, and model.init is {self.init!r}",
+            )

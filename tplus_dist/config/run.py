@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import re
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -9,7 +10,7 @@ from typing import Any
 
 import yaml
 
-from tplus_dist.config.base import ConfigError, check, from_dict, to_dict
+from tplus_dist.config.base import ConfigError, check, from_dict, is_set, to_dict
 from tplus_dist.config.model import ModelConfig
 from tplus_dist.config.sections import (
     CheckpointConfig,
@@ -81,11 +82,6 @@ class RunConfig:
             "(with warmup_tokens), so warmup and decay stay right as the batch grows",
         )
         check(
-            self.schedule.decay_steps is None or self.schedule.decay_steps >= self.schedule.warmup_steps,
-            "schedule.decay_steps",
-            f"({self.schedule.decay_steps}) ends before warmup_steps ({self.schedule.warmup_steps})",
-        )
-        check(
             self.schedule.min_lr <= self.optim.lr,
             "schedule.min_lr",
             f"({self.schedule.min_lr}) is above the peak optim.lr ({self.optim.lr})",
@@ -95,6 +91,49 @@ class RunConfig:
             "data.labels",
             "is true, but the model takes no label: set model.adaln (adaln or adaln_zero) and model.n_conditions",
         )
+        return self
+
+    def resolved(self) -> RunConfig:
+        """A copy with the derived fields (None in the config) set to what a run uses: the model's
+        (:meth:`ModelConfig.resolved`), train.seq_len (model.seq_len), data.seed (train.seed) and, on the step clock,
+        schedule.decay_steps (train.steps) for the schedules that end. Settings that depend on the machine or the
+        launch (train.device auto, precision auto, checkpoint.background, decay_tokens) are left as they are."""
+        schedule = self.schedule
+        if schedule.unit == "steps" and schedule.decay_steps is None and schedule.name in ("cosine", "wsd"):
+            schedule = dataclasses.replace(schedule, decay_steps=self.train.steps)
+        data = self.data
+        if data.seed is None and data.shuffle:
+            data = dataclasses.replace(data, seed=self.train.seed)
+        return dataclasses.replace(
+            self,
+            model=self.model.resolved(),
+            train=dataclasses.replace(self.train, seq_len=self.seq_len),
+            data=data,
+            schedule=schedule,
+        )
+
+    def check_run_length(self, total_tokens: int | None = None) -> RunConfig:
+        """Refuse a warmup at least as long as the run: the rate would never reach optim.lr (warmup 500 over 10 steps
+        peaks at 2% of it). On the step clock against train.steps (:func:`load_config` checks it: `tplus
+        verify-resume --steps N`, which replays only the first N steps of a run, is not refused); on the token clock
+        against ``total_tokens``, the run's length in tokens, known once the data-parallel size is (the run's start
+        checks it). Raises ConfigError naming the warmup field."""
+        s = self.schedule
+        if s.unit == "steps":
+            check(
+                s.warmup_steps < self.train.steps,
+                "schedule.warmup_steps",
+                f"({s.warmup_steps}{'' if is_set(s, 'warmup_steps') else ', the default'}) is at least the whole run "
+                f"(train.steps {self.train.steps}), so the rate would never reach optim.lr; make the warmup shorter "
+                "than the run",
+            )
+        elif total_tokens is not None:
+            check(
+                s.warmup_tokens < total_tokens,
+                "schedule.warmup_tokens",
+                f"({s.warmup_tokens}) is at least the whole run ({total_tokens} tokens: train.steps x the global "
+                "batch x seq_len), so the rate would never reach optim.lr; make the warmup shorter than the run",
+            )
         return self
 
     def to_dict(self) -> dict[str, Any]:
@@ -116,6 +155,8 @@ def _deep_merge(base: dict[str, Any], over: dict[str, Any]) -> dict[str, Any]:
 
 def _read_yaml(path: Path, seen: tuple[Path, ...] = ()) -> dict[str, Any]:
     """Read a YAML config; ``defaults: [files]`` (relative to it, or to configs/) are merged first."""
+    if path.is_dir():
+        raise ConfigError("", f"config file {path} is a directory, not a YAML file")
     if not path.is_file():
         raise ConfigError("", f"config file {path} does not exist")
     if path in seen:
@@ -131,7 +172,7 @@ def _read_yaml(path: Path, seen: tuple[Path, ...] = ()) -> dict[str, Any]:
     if isinstance(defaults, str):
         defaults = [defaults]
     for d in defaults:
-        candidate = (path.parent / d) if (path.parent / d).is_file() else CONFIGS_DIR / d
+        candidate = (path.parent / d) if (path.parent / d).exists() else CONFIGS_DIR / d
         merged = _deep_merge(merged, _read_yaml(candidate.resolve(), (*seen, path)))
     return _deep_merge(merged, data)
 
@@ -163,9 +204,9 @@ def load_config(path: str | Path | None = None, overrides: list[str] | None = No
     data: dict[str, Any] = {}
     if path is not None:
         p = Path(path)
-        if not p.is_file() and (CONFIGS_DIR / p).is_file():
+        if not p.exists() and (CONFIGS_DIR / p).is_file():
             p = CONFIGS_DIR / p
         data = _read_yaml(p.resolve())
     data = _deep_merge(data, parse_overrides(overrides or []))
     cfg = from_dict(RunConfig, data)
-    return cfg.validate()
+    return cfg.validate().check_run_length()

@@ -6,7 +6,7 @@ import math
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Literal
 
-from tplus_dist.config.base import check
+from tplus_dist.config.base import check, check_unused
 
 if TYPE_CHECKING:
     from tplus_dist.config.model import ModelConfig
@@ -86,27 +86,51 @@ class OptimConfig:
         beta = self.soap_shampoo_beta
         check(0 <= beta < 1, p + "soap_shampoo_beta", f"must be in [0, 1), got {beta}")
         check(self.soap_max_precond_dim > 0, p + "soap_max_precond_dim", "must be positive")
+        # an optimizer's own knobs, given while another optimizer is selected, would be ignored silently
+        for owner in ("adafactor", "soap", "scaled_adam"):
+            if self.name != owner:
+                names = tuple(f for f in self.__dataclass_fields__ if f.startswith(owner + "_"))
+                check_unused(
+                    self, prefix, names, f"it is a setting of optimizer {owner}, and optim.name is {self.name!r}"
+                )
+        if self.name == "adafactor":
+            check_unused(
+                self, prefix, ("betas", "eps"),
+                "adafactor does not read it (its moments are set by adafactor_momentum and adafactor_decay_rate)",
+            )  # fmt: skip
+        if self.name == "scaled_adam":
+            check_unused(
+                self, prefix, ("weight_decay", "weight_decay_schedule"),
+                "scaled_adam applies no weight decay (each tensor's learned scale is bounded by scaled_adam_param_*)",
+            )  # fmt: skip
+        elif self.weight_decay_schedule == "lr_squared":
+            check_unused(
+                self, prefix, ("weight_decay",),
+                "weight_decay_schedule lr_squared decays by lr(t)^2 each step; set weight_decay_schedule constant to "
+                "use weight_decay",
+            )  # fmt: skip
 
 
 @dataclass
 class ScheduleConfig:
-    """Learning-rate schedule. Counted in optimizer steps."""
+    """Learning-rate schedule, on the clock ``unit`` names: optimizer steps or tokens. A field of the other clock, or of
+    another schedule, is refused (it would have no effect), and so is a warmup at least as long as the run."""
 
     name: Literal["cosine", "wsd", "constant", "inverse_sqrt"] = "cosine"
     """cosine: linear warmup then cosine to min_lr. wsd: warmup, stable, then decay (MiniCPM).
     constant: warmup then flat. inverse_sqrt: warmup then peak * sqrt(warmup / step) (Vaswani et al., ESPnet's
     "Noam"), not below min_lr."""
     warmup_steps: int = 100
-    """Linear warmup from peak/warmup_steps to the peak optim.lr."""
+    """unit steps: linear warmup from peak/warmup_steps to the peak optim.lr (shorter than train.steps)."""
     decay_steps: int | None = None
-    """Steps from the start to the end of decay. None: train.steps."""
+    """unit steps: steps from the start to the end of decay (cosine, wsd). None: train.steps."""
     min_lr: float = 1e-5
     """The floor the decay ends on."""
     unit: Literal["steps", "tokens"] = "steps"
     """The clock of warmup and decay: optimizer steps, or tokens (required with a growing batch, so that
     warmup and decay stay right as the batch grows)."""
     warmup_tokens: int = 0
-    """unit tokens: linear warmup over this many tokens."""
+    """unit tokens: linear warmup over this many tokens (fewer than the run's)."""
     decay_tokens: int | None = None
     """unit tokens: tokens from the start to the end of decay. None: the run's total tokens."""
     wsd_decay_fraction: float = 0.2
@@ -128,6 +152,33 @@ class ScheduleConfig:
             p + field,
             "must be positive for inverse_sqrt: its decay is peak * sqrt(warmup / step)",
         )
+        # each clock reads its own fields: the other clock's would be accepted and ignored
+        other = "steps" if self.unit == "tokens" else "tokens"
+        for kind in ("warmup", "decay"):
+            check_unused(
+                self, prefix, (f"{kind}_{other}",),
+                f"schedule.unit is {self.unit!r}, which reads schedule.{kind}_{self.unit} instead; set that, and "
+                f"remove {kind}_{other} (or set it to {0 if kind == 'warmup' else 'null'})",
+                off=(0, None),
+            )  # fmt: skip
+        decay, end = (self.decay_tokens, "decay_tokens") if self.unit == "tokens" else (self.decay_steps, "decay_steps")
+        check(decay is None or decay >= warmup, p + end, f"({decay}) ends before {field} ({warmup})")
+        if self.name in ("constant", "inverse_sqrt"):
+            what = (
+                "stays at the peak after the warmup"
+                if self.name == "constant"
+                else "has no end (peak * sqrt(warmup / step))"
+            )
+            check_unused(self, prefix, (end,), f"schedule {self.name} {what}, so there is no end of decay")
+        if self.name == "constant":
+            check_unused(self, prefix, ("min_lr",), "schedule constant never decays to a floor")
+        if self.name != "wsd":
+            check_unused(
+                self,
+                prefix,
+                ("wsd_decay_fraction",),
+                f"it is a setting of schedule wsd, and schedule.name is {self.name!r}",
+            )
 
 
 @dataclass
@@ -170,6 +221,16 @@ class DataConfig:
         check(bool(self.source) or self.shards is not None, p + "source", "must name a corpus (or set shards)")
         check(self.shuffle_block_shards > 0, p + "shuffle_block_shards", "must be positive")
         check(self.num_workers >= 0, p + "num_workers", f"must be >= 0, got {self.num_workers}")
+        if self.shards is not None:
+            check_unused(
+                self, prefix, ("source",),
+                f"data.shards ({self.shards}) is read instead; the source is prepared only when shards is null",
+            )  # fmt: skip
+        if not self.shuffle:
+            check_unused(
+                self, prefix, ("shuffle_block_shards", "seed"),
+                "data.shuffle is false, so the shards are read in order and nothing is shuffled",
+            )  # fmt: skip
 
 
 @dataclass
@@ -233,6 +294,20 @@ class TrainConfig:
         check(self.max_consecutive_skips > 0, p + "max_consecutive_skips", "must be positive (1: stop at the first)")
         check(self.spike_window >= 4, p + "spike_window", f"must be at least 4, got {self.spike_window}")
         check(self.spike_sigmas > 0, p + "spike_sigmas", f"must be positive, got {self.spike_sigmas}")
+        if not self.skip_spikes:
+            check_unused(
+                self, prefix, ("spike_window", "spike_sigmas"),
+                "train.skip_spikes is false, so no spike rule runs (non-finite steps are skipped without it)",
+            )  # fmt: skip
+        if self.eval_interval == 0:
+            check_unused(self, prefix, ("eval_samples",), "train.eval_interval is 0, so there is no evaluation")
+        full = self.micro_batch_size * self.grad_accum
+        if self.batch_size_start is None or self.batch_size_start == full:
+            check_unused(
+                self, prefix, ("batch_size_increment", "batch_ramp_tokens"),
+                f"the batch does not grow (train.batch_size_start is {self.batch_size_start}, the full batch "
+                f"micro_batch_size * grad_accum is {full})",
+            )  # fmt: skip
         if self.batch_size_start is not None:
             end = self.micro_batch_size * self.grad_accum
             m = self.micro_batch_size
@@ -430,6 +505,12 @@ class CheckpointConfig:
         check(self.keep_every >= 0, p + "keep_every", f"must be 0 or more, got {self.keep_every}")
         check(bool(self.resume), p + "resume", "must be auto, none, or a path")
         check(bool(self.dir), p + "dir", "must not be empty")
+        if self.interval_steps == 0 and self.interval_minutes is None:
+            check_unused(
+                self, prefix, ("background",),
+                "only interval saves run in the background, and neither checkpoint.interval_steps nor "
+                "interval_minutes is set",
+            )  # fmt: skip
 
 
 @dataclass

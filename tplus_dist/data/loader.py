@@ -77,6 +77,11 @@ def fetch_manifest(shards: str, cache_dir: str | Path) -> dict[str, Any]:
     else:
         from tplus_dist.data.prepare import read_manifest
 
+        if Path(shards).is_file():
+            raise FileNotFoundError(f"data.shards: {shards} is a file, not a directory written by `tplus prepare`")
+        if not Path(shards).exists():
+            raise FileNotFoundError(f"data.shards: {shards} does not exist")
+
         # every shard present with its listed size: a truncated or missing shard stops the run before it starts
         return read_manifest(shards)
     try:

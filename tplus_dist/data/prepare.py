@@ -360,7 +360,10 @@ def _pack(
 
     t0 = time.perf_counter()
     n_tokens = 0
-    with tqdm(desc="prepare", unit="doc", disable=not progress, mininterval=0.5, dynamic_ncols=True) as bar:
+    # disable None: no bar when stderr is not a terminal (a redirected log would collect its carriage returns)
+    with tqdm(
+        desc="prepare", unit="doc", disable=None if progress else True, mininterval=0.5, dynamic_ncols=True
+    ) as bar:
         for (tokens, lengths), (is_val, labels) in results:
             packers.add(tokens, lengths, is_val, labels)
             n_tokens += len(tokens)

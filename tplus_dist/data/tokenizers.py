@@ -220,6 +220,8 @@ def build_tokenizer(spec: str, texts: Iterable[str] | None = None) -> Tokenizer:
     if spec.startswith("tiktoken:"):
         return TiktokenTokenizer(spec.split(":", 1)[1])
     p = Path(spec)
+    if p.is_dir():
+        raise ValueError(f"data.tokenizer: {spec} is a directory, not a tokenizer.json or tiktoken file")
     if p.is_file() and _looks_like_tiktoken(p):
         return TiktokenTokenizer(p)
     return HFTokenizer.from_file(spec)

@@ -89,8 +89,10 @@ def load_deepspeed_overrides(path: str | None) -> dict[str, Any]:
         return {}
     field = "parallel.deepspeed_config"
     file = Path(path)
+    if file.is_dir():
+        raise ConfigError(field, f"{path} is a directory, not a DeepSpeed JSON file")
     if not file.is_file():
-        raise ConfigError(field, f"{path} does not exist or is not a file")
+        raise ConfigError(field, f"{path} does not exist")
     try:
         data = json.loads(file.read_text())
     except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
@@ -149,7 +151,10 @@ def build_engine(
     JIT-compiles for most of a minute) and our model-parallel groups (a DeepSpeedMPU). Returns the engine."""
     import deepspeed  # imported on use: it takes seconds and probes the accelerator
 
-    engine, _, _, _ = deepspeed.initialize(model=model, optimizer=optimizer, config=dict(ds_config), mpu=mpu)
+    from tplus_dist.console import quiet_stdout
+
+    with quiet_stdout():  # (DeepSpeed prints "... built successfully" on every rank, even when it only loaded an op)
+        engine, _, _, _ = deepspeed.initialize(model=model, optimizer=optimizer, config=dict(ds_config), mpu=mpu)
     return engine
 
 

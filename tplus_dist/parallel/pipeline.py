@@ -104,7 +104,10 @@ def build_pipeline(cfg: ModelConfig, provider: LayerProvider, groups: ProcessGro
     import deepspeed
     import torch.distributed as dist
 
-    deepspeed.init_distributed(dist_backend=dist.get_backend())  # PipelineModule talks through deepspeed.comm
+    from tplus_dist.console import quiet_stdout
+
+    with quiet_stdout():  # (DeepSpeed prints "... built successfully" on every rank, even when it only loaded an op)
+        deepspeed.init_distributed(dist_backend=dist.get_backend())  # PipelineModule talks through deepspeed.comm
     part: dict[str, Any] = dict(init_seed=init_seed)
     embed: dict[str, Any] = dict(part, layers=(), embed=True, head=False)
     tied = cfg.tie_embeddings
@@ -127,14 +130,18 @@ def build_pipeline(cfg: ModelConfig, provider: LayerProvider, groups: ProcessGro
         )  # fmt: skip
     dims = groups.dims
     topology = PipeModelDataParallelTopology(num_pp=dims.pp, num_mp=dims.tp, num_dp=dims.dp)
-    return DecoderPipeline(
-        cfg,
-        layers=specs,
-        topology=topology,
-        loss_fn=DecoderLoss(cfg, provider),
-        partition_method=f"type:{BlockPart.__name__}",
-        activation_checkpoint_interval=0,
-    )
+    # Without autograd: PipelineModule broadcasts the tied weights from the first stage in place; under autograd that
+    # records c10d::broadcast_ (which has no backward) in the weight's history, and every backward then warned
+    # "an autograd kernel was not registered" on every rank. The values are the same; only the record goes.
+    with torch.no_grad():
+        return DecoderPipeline(
+            cfg,
+            layers=specs,
+            topology=topology,
+            loss_fn=DecoderLoss(cfg, provider),
+            partition_method=f"type:{BlockPart.__name__}",
+            activation_checkpoint_interval=0,
+        )
 
 
 class DecoderPipeline(PipelineModule):

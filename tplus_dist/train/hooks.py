@@ -5,8 +5,9 @@ A hook sees the trainer and the step's metrics dict; hooks run in order, so an e
 
 from __future__ import annotations
 
+import sys
 import time
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, TextIO
 
 from tqdm import tqdm
 
@@ -66,21 +67,31 @@ def format_metrics(m: dict[str, Any], tokens_per_s: float | None = None) -> str:
 
 
 class ConsoleHook(Hook):
-    """A tqdm bar (rate and ETA) with the latest loss; a full line every ``interval`` steps. A line's tok/s is the
-    training rate since the previous line: the tokens of those steps over their ``time/data + time/step`` (the
-    batches' waiting and the steps; evaluation and checkpoint saves, timed apart, excluded)."""
+    """A tqdm bar (rate and ETA) with the latest loss on ``stream`` (stderr) when it is a terminal; a full line every
+    ``interval`` steps. When the stream is not a terminal (a redirected log, SLURM's output file) there is no bar,
+    whose carriage-return updates would pile up in the file: the full lines alone, at the log interval. A line's
+    tok/s is the training rate since the previous line: the tokens of those steps over their ``time/data +
+    time/step`` (the batches' waiting and the steps; evaluation and checkpoint saves, timed apart, excluded)."""
 
-    def __init__(self, interval: int, progress: bool = True) -> None:
+    def __init__(self, interval: int, progress: bool = True, stream: TextIO | None = None) -> None:
         self.interval = interval
         self.progress = progress
+        self.stream = stream if stream is not None else sys.stderr
         self.bar: tqdm[Any] | None = None
         self._tokens = 0
         self._seconds = 0.0
 
     def on_fit_start(self, trainer: Trainer) -> None:
-        if self.progress:
+        from tplus_dist.console import is_terminal
+
+        if self.progress and is_terminal(self.stream):
             self.bar = tqdm(
-                total=trainer.total_steps, initial=trainer.state.step, unit="step", dynamic_ncols=True, leave=True
+                total=trainer.total_steps,
+                initial=trainer.state.step,
+                unit="step",
+                dynamic_ncols=True,
+                leave=True,
+                file=self.stream,
             )
 
     def on_step_end(self, trainer: Trainer, metrics: dict[str, Any]) -> None:

@@ -195,7 +195,16 @@ def build_data(cfg: RunConfig, dp_size: int = 1, dp_rank: int = 0) -> Data:
         labels=use_labels,
     )
     val = None
-    if manifest["splits"].get("val", {}).get("samples", 0) > 0 and cfg.train.eval_interval > 0:
+    has_val = manifest["splits"].get("val", {}).get("samples", 0) > 0
+    if not has_val:
+        from tplus_dist.config.base import check_unused
+
+        check_unused(
+            cfg.train, "train", ("eval_interval", "eval_samples"),
+            f"the shards at {shards} have no validation split (prepare them with a val fraction above 0)",
+            off=(0,),
+        )  # fmt: skip
+    if has_val and cfg.train.eval_interval > 0:
         try:
             val = EvalBatches(
                 open_split(shards, "val", d.cache_dir, manifest),
@@ -229,6 +238,16 @@ def setup_layout(cfg: RunConfig, device: torch.device) -> Layout:
     environment and the parallel layout are checked, and the process groups made, before any model is built."""
     world = int(os.environ.get("WORLD_SIZE", "1"))
     if world <= 1:
+        # a split of the model needs its processes: on one it would be ignored and the whole model trained instead
+        for name in ("tensor_parallel", "pipeline_parallel"):
+            size = getattr(cfg.parallel, name)
+            if size > 1:
+                raise ConfigError(
+                    f"parallel.{name}",
+                    f"({size}) has no effect: it splits the model over {size} processes, and this run is one "
+                    f"process; start it with tplus launch --nproc-per-node {cfg.parallel.model_parallel} (or "
+                    "torchrun), or set it to 1",
+                )
         return Layout()
     from tplus_dist.parallel.dims import ParallelDims, launch_env
     from tplus_dist.parallel.groups import init_process_groups
@@ -370,6 +389,11 @@ def open_run(cfg: RunConfig, run_dir: Path | None, data: Data) -> RunStart:
             check_writable(root, "checkpoint.dir")
             if explicit is not None and not explicit.exists():
                 raise CheckpointError(f"checkpoint.resume: {explicit} does not exist")
+            if explicit is not None and not explicit.is_dir():
+                raise CheckpointError(
+                    f"checkpoint.resume: {explicit} is a file, not a checkpoint directory (step_*) or a checkpoints "
+                    "directory"
+                )
             if existed and not locks:
                 locks.append(RunLock(run_dir))  # before reading its checkpoints: no other job may be writing them
             if root.is_dir():
@@ -458,6 +482,8 @@ def build_trainer(cfg: RunConfig, run_dir: Path | None = None, stop: Any = None)
 
     ds_overrides = load_deepspeed_overrides(cfg.parallel.deepspeed_config)  # a bad file stops here, before work
     layout = setup_layout(cfg, device)
+    if cfg.schedule.unit == "tokens":  # the run's length in tokens is known now (the data-parallel size is)
+        cfg.check_run_length(total_tokens(cfg, batch_ramp(cfg, layout.dp)))
     if device.type == "cuda" and layout.world > 1:
         device = torch.device("cuda", torch.cuda.current_device())
     seed_everything(cfg.train.seed)
