@@ -10,9 +10,9 @@ from tplus_dist.config.model import ModelConfig
 from tplus_dist.hf.core import (
     _ATTN_DROPOUT,
     Family,
-    _fmt,
     Keys,
     Spec,
+    _fmt,
     _layer_types,
     _llama_like_rules,
     _local,
