@@ -112,8 +112,9 @@ def random_cfg(family: str, seed: int) -> ModelConfig:
         kw |= dict(rmsnorm, sliding_window=window, layer_pattern=["local"], **gqa, **rope, **gated)
     elif family == "ministral":
         kw |= dict(rmsnorm, n_layers=c([2, 4]), **mixed, **gqa, **rope, **gated)
-    elif family == "qwen2":  # biases on q, k, v only
-        sliding = c([{}, mixed, dict(sliding_window=window, layer_pattern=["local"])])
+    elif family == "qwen2":  # biases on q, k, v only; sliding layers after the full ones (max_window_layers)
+        first_full = dict(sliding_window=window, layer_pattern=["global"] + ["local"] * (kw["n_layers"] - 1))
+        sliding = c([{}, first_full, dict(sliding_window=window, layer_pattern=["local"])])
         kw |= dict(rmsnorm, qkv_bias=True, head_dim=c([None, 32]), **sliding, **gqa, **rope, **gated)
     elif family == "olmo2":  # norms after the sublayers, QK-norm over the whole projections
         kw |= dict(rmsnorm, norm_placement="reordered", qk_norm="rmsnorm", qk_norm_scope="projection")
@@ -266,6 +267,57 @@ def test_verification_catches_a_wrong_tensor(tmp_path: Path) -> None:
     save_file(w, str(path), metadata={"format": "pt"})
     with pytest.raises(hf.HFExportError, match="disagrees"):
         hf._verify(model, cfg, folder)
+
+
+def _layer_types_qwen2_derives(config: dict[str, Any]) -> list[str]:
+    """What transformers' Qwen2Config makes of an exported config.json without its layer_types: the layers that
+    slide by use_sliding_window and max_window_layers alone."""
+    rest = {k: v for k, v in config.items() if k != "layer_types"}
+    return list(transformers.Qwen2Config(**rest).layer_types)
+
+
+@pytest.mark.parametrize(
+    "pattern",
+    [["global"], ["local"], ["global", "local", "local"], ["global", "global", "local"]],
+)
+def test_qwen2_max_window_layers_says_what_layer_types_says(pattern: list[str], tmp_path: Path) -> None:
+    cfg = ModelConfig(
+        vocab_size=100, n_layers=3, d_model=32, n_heads=2, seq_len=16, qkv_bias=True,
+        sliding_window=4 if "local" in pattern else None, layer_pattern=pattern,
+    )  # fmt: skip
+    hf.export(build_model(cfg), cfg, tmp_path)
+    config = json.loads((tmp_path / "config.json").read_text())
+    expected = [("sliding" if pattern[i % len(pattern)] == "local" else "full") + "_attention" for i in range(3)]
+    assert config["layer_types"] == expected
+    assert _layer_types_qwen2_derives(config) == expected
+    # and a reader that believes use_sliding_window and max_window_layers (vLLM, older transformers) agrees
+    slides = [config["use_sliding_window"] and i >= config["max_window_layers"] for i in range(3)]
+    assert slides == [t == "sliding_attention" for t in expected]
+
+
+@pytest.mark.parametrize("pattern", [["local", "global"], ["global", "local", "global"]])
+def test_qwen2_refuses_a_pattern_max_window_layers_cannot_say(pattern: list[str], tmp_path: Path) -> None:
+    cfg = ModelConfig(
+        vocab_size=100, n_layers=3, d_model=32, n_heads=2, seq_len=16, sliding_window=4, layer_pattern=pattern
+    )
+    with pytest.raises(hf.HFExportError, match=r"model\.layer_pattern=\[.*\]: qwen2 slides the layers from "):
+        hf.export(build_model(cfg), cfg, tmp_path / "out", family="qwen2")
+    assert not (tmp_path / "out").exists()
+    assert hf.choose_family(cfg).model_type == "ministral"  # another family takes it
+
+
+def test_reexported_qwen2_keeps_its_max_window_layers(tmp_path: Path) -> None:
+    folder, _ = save_hf_model(tmp_path, "qwen2-tied-window")  # 3 layers, max_window_layers 1
+    original = json.loads((folder / "config.json").read_text())
+    cfg, model = hf.load(folder)
+    again = json.loads((hf.export(model, cfg, tmp_path / "again") / "config.json").read_text())
+    assert again["model_type"] == "qwen2"
+    assert (again["max_window_layers"], again["layer_types"]) == (1, original["layer_types"])
+    # one without windows (max_window_layers 28 > 2 layers, Qwen2Config's default) still loads and exports
+    folder, _ = save_hf_model(tmp_path / "plain", "qwen2")
+    cfg, model = hf.load(folder)
+    again = json.loads((hf.export(model, cfg, tmp_path / "plain-again") / "config.json").read_text())
+    assert _layer_types_qwen2_derives(again) == again["layer_types"] == ["full_attention"] * 2
 
 
 # ------------------------------------------------------------------------------------------ loading HF's own models

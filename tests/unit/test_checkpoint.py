@@ -299,25 +299,123 @@ def test_export_cli_passes_the_tokenizer_option(monkeypatch):
     assert [c[2:] for c in calls] == [(Path("out"), None, "bytes"), (Path("out2"), "qwen2", "data/tok.json")]
 
 
+def fake_run(tmp_path: Path, shards: Path | None, **tokenizer: Any) -> Any:
+    """A run directory as training leaves it for export: RUN/checkpoints/step_N and RUN/data_manifest.json, the
+    latter the manifest of ``shards`` (the prepared dataset the run read) or holding ``tokenizer`` alone."""
+    import json
+
+    from tplus_dist.checkpoint.store import Checkpoint
+    from tplus_dist.data.prepare import read_manifest
+
+    run = tmp_path / "run"
+    (run / "checkpoints" / "step_00000002").mkdir(parents=True)
+    record = read_manifest(shards) if shards is not None else {"tokenizer": tokenizer}
+    (run / "data_manifest.json").write_text(json.dumps({"shards": str(shards), **record}))
+    return Checkpoint(run / "checkpoints" / "step_00000002", {"step": 2})
+
+
+def prepared(
+    tmp_path: Path, name: str, tokenizer: str, text: str = "the quick brown fox jumps over the lazy dog"
+) -> Path:
+    from tplus_dist.data.prepare import prepare
+
+    src = tmp_path / f"{name}.txt"
+    src.write_text(f"{text}\n" * 200)
+    prepare([str(src)], tokenizer, 16, tmp_path / name, progress=False)
+    return tmp_path / name
+
+
 def test_export_finds_a_trained_tokenizer_beside_the_runs_shards(tmp_path: Path):
     from tplus_dist.checkpoint.export import run_tokenizer
-    from tplus_dist.data.prepare import prepare
     from tplus_dist.data.tokenizers import HFTokenizer
 
-    src = tmp_path / "docs.txt"
-    src.write_text("the quick brown fox jumps over the lazy dog\n" * 200)
-    prepare([str(src)], "train:300", 16, tmp_path / "shards", progress=False)
-    cfg = load_config("configs/tiny.yaml", [f"--data.shards={tmp_path / 'shards'}"])
-    tok, source = run_tokenizer(cfg)
-    saved = HFTokenizer.from_file(tmp_path / "shards" / "tokenizer.json")  # what prepare trained and saved
+    shards = prepared(tmp_path, "shards", "train:300")
+    ckpt = fake_run(tmp_path, shards)
+    cfg = load_config("configs/tiny.yaml", [f"--data.shards={shards}"])
+    tok, source, warnings = run_tokenizer(cfg, None, ckpt)
+    saved = HFTokenizer.from_file(shards / "tokenizer.json")  # what prepare trained and saved
     assert isinstance(tok, HFTokenizer) and tok.vocab_size == saved.vocab_size > 257 and "shards" in source
     assert tok.encode("the quick fox") == saved.encode("the quick fox") != list(b"the quick fox")
+    assert warnings == []
     cfg = load_config("configs/tiny.yaml", [f"--data.shards={tmp_path / 'gone'}", "--data.tokenizer=train:300"])
-    tok, why = run_tokenizer(cfg)
+    tok, why, _ = run_tokenizer(cfg, None, ckpt)
     assert tok is None and "gone" in why
 
 
+def test_export_writes_no_tokenizer_it_cannot_prove_is_the_runs(tmp_path: Path):
+    """Remote shards, moved shards and shards re-prepared with another tokenizer: data.tokenizer (ignored by a run
+    with data.shards) and whatever lies beside the shards now are not the run's tokenizer."""
+    import shutil
+
+    from tplus_dist.checkpoint.export import run_tokenizer
+    from tplus_dist.data.tokenizers import ByteTokenizer
+
+    shards = prepared(tmp_path, "shards", "train:300")
+    ckpt = fake_run(tmp_path, shards)
+    remote = load_config("configs/tiny.yaml", ["--data.shards=s3://bucket/shards"])  # data.tokenizer: bytes
+    tok, why, _ = run_tokenizer(remote, None, ckpt)
+    assert tok is None and "data_manifest.json" in why
+    shutil.copyfile(shards / "tokenizer.json", tmp_path / "tokenizer.json")
+    moved = load_config(
+        "configs/tiny.yaml", [f"--data.shards={tmp_path / 'moved'}", f"--data.tokenizer={tmp_path / 'tokenizer.json'}"]
+    )
+    assert run_tokenizer(moved, None, ckpt)[0] is None
+    # the same directory prepared again: a BPE of the same size trained on other text is another file
+    shutil.rmtree(shards)
+    prepared(tmp_path, "shards", "train:300", text="pack my box with five dozen liquor jugs")
+    tok, why, _ = run_tokenizer(load_config("configs/tiny.yaml", [f"--data.shards={shards}"]), None, ckpt)
+    assert tok is None and "sha256" in why
+    shutil.rmtree(shards)
+    prepared(tmp_path, "shards", "bytes")
+    tok, why, _ = run_tokenizer(load_config("configs/tiny.yaml", [f"--data.shards={shards}"]), None, ckpt)
+    assert tok is None and "its kind is bytes, the run's is hf" in why
+    # no record at all (moved run directory, or a run from before data_manifest.json): nothing is provable
+    (ckpt.path.parents[1] / "data_manifest.json").unlink()
+    tok, why, _ = run_tokenizer(load_config("configs/tiny.yaml", [f"--data.shards={shards}"]), None, ckpt)
+    assert tok is None and "data_manifest.json" in why
+    # a run on remote byte-level shards records bytes, which needs no file
+    bytes_run = fake_run(tmp_path / "b", None, kind="bytes", vocab_size=257, eos_id=256, file=None)
+    tok, source, _ = run_tokenizer(remote, None, bytes_run)
+    assert isinstance(tok, ByteTokenizer) and source == "bytes"
+
+
+def test_an_explicit_tokenizer_that_contradicts_the_run_warns_naming_both(tmp_path: Path):
+    import json
+
+    from tplus_dist.checkpoint.export import run_tokenizer
+    from tplus_dist.data.tokenizers import ByteTokenizer
+
+    shards = prepared(tmp_path, "shards", "train:300")
+    ckpt = fake_run(tmp_path, shards)
+    cfg = load_config("configs/tiny.yaml", ["--data.shards=s3://bucket/shards"])
+    tok, _, warnings = run_tokenizer(cfg, "bytes", ckpt)
+    assert isinstance(tok, ByteTokenizer) and len(warnings) == 1
+    vocab = json.loads((shards / "manifest.json").read_text())["tokenizer"]["vocab_size"]
+    assert "--tokenizer bytes (bytes, vocab 257)" in warnings[0] and f"(train:300: hf, vocab {vocab}," in warnings[0]
+    other = prepared(tmp_path, "other", "train:300", text="pack my box with five dozen liquor jugs")
+    _, _, warnings = run_tokenizer(cfg, str(other / "tokenizer.json"), ckpt)
+    assert len(warnings) == 1 and "sha256" in warnings[0]
+    assert run_tokenizer(cfg, str(shards), ckpt)[2] == []  # the run's own dataset directory
+    assert run_tokenizer(cfg, str(shards / "tokenizer.json"), ckpt)[2] == []  # or its file
+
+
+def test_a_bad_tokenizer_option_names_the_option_and_the_reason(tmp_path: Path):
+    from tplus_dist.checkpoint.export import run_tokenizer
+
+    cfg = load_config("configs/tiny.yaml", [])
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(ValueError, match=r"--tokenizer .*empty: a directory without a prepared dataset's manifest "):
+        run_tokenizer(cfg, str(tmp_path / "empty"))
+    (tmp_path / "bad.json").write_text("{not json")
+    with pytest.raises(ValueError, match=r"^--tokenizer .*bad\.json: .*bad\.json is not a tokenizer\.json"):
+        run_tokenizer(cfg, str(tmp_path / "bad.json"))
+    with pytest.raises(ValueError, match=r"^--tokenizer .*missing\.json: .*does not exist"):
+        run_tokenizer(cfg, str(tmp_path / "missing.json"))
+
+
 def test_export_refuses_a_non_empty_output_and_a_damaged_checkpoint(tmp_path: Path, capsys):
+    import json
+
     from tplus_dist.cli import main
 
     run_dir = tmp_path / "run"
@@ -327,6 +425,26 @@ def test_export_refuses_a_non_empty_output_and_a_damaged_checkpoint(tmp_path: Pa
     (tmp_path / "out" / "keep.txt").write_text("mine")
     assert main(["export", str(ckpt), "--format", "consolidated", str(tmp_path / "out")]) == 2
     assert "exists and is not empty" in capsys.readouterr().err
+    # a refused export creates nothing: every check runs before OUT is made
+    (tmp_path / "empty").mkdir()
+    big = prepared(tmp_path, "big", "train:300") / "tokenizer.json"  # more tokens than the tiny model's 257
+    refusals = {
+        "--tokenizer": ["--tokenizer", str(tmp_path / "empty")],
+        "gpt2 (GPT2LMHeadModel) cannot represent": ["--family", "gpt2"],
+        "more than the model's vocab_size (257)": ["--tokenizer", str(big)],
+    }
+    for words, args in refusals.items():
+        assert main(["export", str(ckpt), "--format", "hf", str(tmp_path / "refused"), *args]) == 2
+        assert words in capsys.readouterr().err
+        assert not (tmp_path / "refused").exists()
+    # a run whose record names a tokenizer that is not here: the model alone and one warning line saying why
+    record = json.loads((run_dir / "data_manifest.json").read_text())
+    record["tokenizer"] = {"kind": "hf", "spec": "tok.json", "vocab_size": 257, "eos_id": 0, "sha256": "ab" * 32}
+    (run_dir / "data_manifest.json").write_text(json.dumps(record))
+    assert main(["export", str(ckpt), "--format", "hf", str(tmp_path / "alone")]) == 0
+    warned = [line for line in capsys.readouterr().out.splitlines() if "warning" in line]
+    assert len(warned) == 1 and "data_manifest.json" in warned[0] and "pass --tokenizer" in warned[0]
+    assert not (tmp_path / "alone" / "tokenizer.json").exists() and (tmp_path / "alone" / "config.json").exists()
     (ckpt / "state" / "rank00000.safetensors").write_bytes(b"garbage")
     assert main(["export", str(ckpt), "--format", "consolidated", str(tmp_path / "new")]) == 2
     assert "rank00000.safetensors is 7 bytes, the manifest says" in capsys.readouterr().err

@@ -1,5 +1,6 @@
-"""Qwen2ForCausalLM (model_type 'qwen2', HF modeling_qwen2.py): Llama with biases on q, k and v only, any layer
-pattern."""
+"""Qwen2ForCausalLM (model_type 'qwen2', HF modeling_qwen2.py): Llama with biases on q, k and v only, and layer
+patterns whose full-attention layers all come first (Qwen2Config's max_window_layers: layers from that index on
+slide)."""
 
 from __future__ import annotations
 
@@ -11,6 +12,7 @@ from tplus_dist.hf.core import (
     Family,
     Keys,
     Spec,
+    _fmt,
     _layer_types,
     _llama_like_rules,
     _local,
@@ -18,8 +20,30 @@ from tplus_dist.hf.core import (
 )
 
 
+def _max_window_layers(cfg: ModelConfig) -> int | None:
+    """Qwen2Config's max_window_layers for cfg's layers: k when the first k are full and the rest slide (n_layers
+    when none slides), None for any other pattern. transformers derives layer_types from it (index >= k slides) and
+    other readers use it alone, so it must say what layer_types says."""
+    local = _local(cfg)
+    k = local.index(True) if any(local) else len(local)
+    return k if all(local[k:]) else None
+
+
 def _qwen2_to_hf(cfg: ModelConfig) -> dict[str, Any]:
-    return {"rope_scaling": None, "use_sliding_window": any(_local(cfg)), **_layer_types(cfg)}
+    out = {"rope_scaling": None, "use_sliding_window": any(_local(cfg)), **_layer_types(cfg)}
+    k = _max_window_layers(cfg)
+    if k is not None:  # (another pattern is refused by _qwen2_check on export; a loaded one is read by layer_types)
+        out["max_window_layers"] = k
+    return out
+
+
+def _qwen2_check(cfg: ModelConfig) -> list[str]:
+    if _max_window_layers(cfg) is not None:
+        return []
+    return [
+        f"model.layer_pattern={_fmt(cfg.layer_pattern)}: qwen2 slides the layers from max_window_layers on, so its "
+        "full-attention layers must all come first"
+    ]
 
 
 # Qwen2 (HF modeling_qwen2.py): Llama with biases on q, k and v only (none on o or the MLP), tied or untied
@@ -35,4 +59,7 @@ QWEN2 = Family(
     },
     rules=lambda cfg: _llama_like_rules(cfg, qkv_bias=True),
     dropout=_ATTN_DROPOUT,
+    check=_qwen2_check,
+    # without sliding layers max_window_layers means nothing (Qwen2.5's files carry 21 of 24, 70 of 36)
+    skip_compare=lambda cfg: set() if any(_local(cfg)) else {"max_window_layers"},
 )
