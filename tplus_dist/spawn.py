@@ -9,6 +9,7 @@ import socket
 from collections.abc import Callable
 from typing import Any
 
+import torch
 import torch.multiprocessing as mp
 
 
@@ -28,6 +29,10 @@ def _entry(rank: int, world: int, port: int, fn: Callable[..., None], args: tupl
         LOCAL_WORLD_SIZE=str(world),
         OMP_NUM_THREADS="1",
     )
+    # One thread per rank, so that ranks do not oversubscribe the cores. The variable above only reaches what this
+    # process starts; torch itself was imported (by torch.multiprocessing, before this function ran) and sized its
+    # thread pool to every core, so it is told directly.
+    torch.set_num_threads(1)
     fn(rank, world, *args)
 
 
