@@ -76,16 +76,23 @@ def assert_close(got: list[Any], want: list[Any], run: Fp32Run, val_tokens: int)
     """The same samples and learning rates; losses and norms within fp32 rounding in another order
     (tests/tolerances.py). The validation loss is a mean over ``val_tokens`` tokens."""
     assert len(got) == len(want)
+    worst = [0.0, 0.0, 0.0]
     for a, b in zip(got, want, strict=True):
         step, loss, norm, lr, first, last, tokens, val = a
         assert [step, first, last, tokens] == [b[0], b[4], b[5], b[6]], (a, b)  # the same samples
         assert lr == pytest.approx(b[3], rel=1e-12)
         assert abs(loss - b[1]) <= run.loss(step, b[1]), (a, b, run.loss(step, b[1]))
         assert abs(norm - b[2]) <= run.grad_norm(step, b[2]), (a, b, run.grad_norm(step, b[2]))
+        worst[:2] = (
+            max(worst[0], abs(loss - b[1]) / run.loss(step, b[1])),
+            max(worst[1], abs(norm - b[2]) / run.grad_norm(step, b[2])),
+        )
         assert (val is None) == (b[7] is None), (a, b)
         if val is not None:
             bound = max(run.loss(step, b[7]), run.loss(step, b[7], val_tokens))
             assert abs(val - b[7]) <= bound, (a, b, bound)
+            worst[2] = max(worst[2], abs(val - b[7]) / bound)
+    print(f"observed / bound: loss {worst[0]:.2f}, grad_norm {worst[1]:.2f}, val_loss {worst[2]:.2f}")
 
 
 def final_parameters(run_dir: Path) -> dict[str, Any]:

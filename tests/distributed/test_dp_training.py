@@ -30,11 +30,17 @@ def _compare(single: list[list[float]], dp: list[list[float]], overrides: list[s
     parallel ranks sum their gradients in another order: tests/tolerances.py)."""
     assert len(single) == len(dp) == 5
     run = fp32_run(single, overrides)
+    worst = [0.0, 0.0]
     for step, (a, b) in enumerate(zip(single, dp, strict=True), 1):
         assert a[3:] == b[3:]  # the same samples: batch size, first and last stream position, tokens
         assert a[2] == pytest.approx(b[2], rel=1e-12)  # lr
         assert abs(a[0] - b[0]) <= run.loss(step, a[0]), (step, a, b, run.loss(step, a[0]))
         assert abs(a[1] - b[1]) <= run.grad_norm(step, a[1]), (step, a, b, run.grad_norm(step, a[1]))
+        worst = [
+            max(worst[0], abs(a[0] - b[0]) / run.loss(step, a[0])),
+            max(worst[1], abs(a[1] - b[1]) / run.grad_norm(step, a[1])),
+        ]
+    print(f"observed / bound: loss {worst[0]:.2f}, grad_norm {worst[1]:.2f}")
 
 
 @pytest.mark.slow

@@ -48,9 +48,15 @@ def assert_close(reference: Reference, b: list[tuple[float, float]]) -> None:
     """A launched run's losses and norms within fp32 rounding in another order of the one-process run's."""
     a, run = reference
     assert len(a) == len(b) == 3
+    worst = [0.0, 0.0]
     for step, ((la, ga), (lb, gb)) in enumerate(zip(a, b, strict=True), 1):
         assert abs(la - lb) <= run.loss(step, la), (step, a, b, run.loss(step, la))
         assert abs(ga - gb) <= run.grad_norm(step, ga), (step, a, b, run.grad_norm(step, ga))
+        worst = [
+            max(worst[0], abs(la - lb) / run.loss(step, la)),
+            max(worst[1], abs(ga - gb) / run.grad_norm(step, ga)),
+        ]
+    print(f"observed / bound: loss {worst[0]:.2f}, grad_norm {worst[1]:.2f}")
 
 
 @pytest.mark.slow
