@@ -56,8 +56,9 @@ from __future__ import annotations
 
 import itertools
 import math
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
+from typing import Any
 
 U = 2.0**-24
 """fp32 unit roundoff (round to nearest): Higham (2.4)."""
@@ -170,7 +171,7 @@ class Fp32Run:
         return sum(2 * lr * adam_ratio_bound(t, self.betas) for t, lr in enumerate(lrs, 1))
 
 
-def param_differences(a: dict[str, object], b: dict[str, object]) -> tuple[float, float, str]:
+def param_differences(a: Mapping[str, Any], b: Mapping[str, Any]) -> tuple[float, float, str]:
     """The root mean square over every element of a - b, the largest element difference and its tensor's name."""
     import torch
 
