@@ -44,12 +44,15 @@ From one step to a run (the model the bounds below state; the measurements in th
 
 What the bounds let through, for the tiny model of the distributed tests (4 layers, 512 tokens a step, lr 3e-3, five
 steps): losses 1.8e-5 to 2.6e-5, gradient norms 2.4e-5 to 1.2e-4 of themselves, a parameter rms of 4.7e-7. Measured
-across layouts, thread counts, ATen's kernel levels and a loaded machine: at most a fifth of the loss and norm bounds
-and a third of the rms bound. A wrong gradient is far outside: the tied embedding's input-side gradient dropped (what
-a missing all-reduce between the stages that hold it does) moves the loss by 1e-2, the first gradient norm by 4% and
-the parameters' rms by 6.6e-4 (500 to 1600 times the bounds); FACTS.md's 6e-4 loss drift of that bug in a pipeline
-is 20 times the loss bound. A parameter that is off by 1e-3 everywhere in one 128-element norm weight gives an rms of
-1.2e-5, 25 times its bound.
+across layouts, thread counts (1 and 2), ATen's kernel levels (AVX2, default) and a loaded machine (load average up
+to 21 on 2 cores): losses at most 0.05 of their bound, gradient norms 0.18 (shaw-gqa under the default kernels: the
+1.9e-5 an AVX-512 machine gives), the parameters' rms 0.31 (TP 2 x DP 2 with uneven targets). Where targets are
+ignored, the loss is a mean over fewer terms than ``tokens``; the forward term then grows by sqrt(tokens / counted),
+which the measured margin covers. A wrong gradient is far outside: the tied embedding's input-side gradient dropped
+(what a missing all-reduce between the stages that hold it does) moves the loss by 1e-2, the first gradient norm by
+4% and the parameters' rms by 6.6e-4 (500 to 1600 times the bounds); FACTS.md's 6e-4 loss drift of that bug in a
+pipeline is 20 times the loss bound. A parameter that is off by 1e-3 everywhere in one 128-element norm weight gives
+an rms of 1.2e-5, 25 times its bound.
 """
 
 from __future__ import annotations
