@@ -10,6 +10,7 @@ import pytest
 import torch
 
 from tests.distributed.test_tp_training import BASE
+from tests.tolerances import Fp32Run
 from tplus_dist.config import load_config
 from tplus_dist.spawn import run_distributed
 
@@ -62,8 +63,15 @@ def test_conditioned_tensor_parallel_equals_one_process(tmp_path: Path, position
     out = tmp_path / "tp.pt"
     run_distributed(_rank, 2, [*extra, "--parallel.tensor_parallel=2"], str(out))
     two: dict[str, Any] = torch.load(out)
-    assert abs(one["loss"] - two["loss"]) < 1e-5, (one["loss"], two["loss"])
+    # one forward and backward from the same parameters: step 1's bounds (tests/tolerances.py); each gradient as a
+    # whole, since an element whose gradient is near zero has no relative accuracy at all
+    run = Fp32Run.of(load_config("configs/tiny.yaml", [*BASE, *extra]), [4 * 32], [0.0])
+    assert abs(one["loss"] - two["loss"]) <= run.loss(1, one["loss"]), (one["loss"], two["loss"])
     assert one["grads"].keys() == two["grads"].keys() and len(one["grads"]) >= 3  # every block's ada + labels
+    worst = 0.0
     for name, g in one["grads"].items():
         assert g.abs().sum() > 0, name
-        torch.testing.assert_close(two["grads"][name], g, rtol=1e-4, atol=1e-6, msg=name)
+        rel = float((two["grads"][name] - g).norm()) / float(g.norm())
+        assert rel <= run.grad_rel(1), (name, rel, run.grad_rel(1))
+        worst = max(worst, rel / run.grad_rel(1))
+    print(f"loss {abs(one['loss'] - two['loss']) / run.loss(1, one['loss']):.2f}, gradients {worst:.2f} of the bounds")

@@ -7,7 +7,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from tests.distributed.test_tp_training import BASE, KEYS
+from tests.distributed.test_tp_training import BASE, KEYS, fp32_run
 from tplus_dist.config import load_config
 from tplus_dist.spawn import run_distributed
 from tplus_dist.train.run import train
@@ -25,12 +25,22 @@ def _single(tmp_path: Path, *extra: str) -> list[list[float]]:
     return [[m[k] for k in KEYS] for m in history]
 
 
-def _compare(single: list[list[float]], dp: list[list[float]]) -> None:
+def _compare(single: list[list[float]], dp: list[list[float]], overrides: list[str] | None = None) -> None:
+    """The same samples and learning rates; losses and gradient norms within fp32 rounding in another order (the data-
+    parallel ranks sum their gradients in another order: tests/tolerances.py)."""
     assert len(single) == len(dp) == 5
-    for a, b in zip(single, dp, strict=True):
+    run = fp32_run(single, overrides)
+    worst = [0.0, 0.0]
+    for step, (a, b) in enumerate(zip(single, dp, strict=True), 1):
         assert a[3:] == b[3:]  # the same samples: batch size, first and last stream position, tokens
         assert a[2] == pytest.approx(b[2], rel=1e-12)  # lr
-        assert abs(a[0] - b[0]) < 1e-5 and abs(a[1] - b[1]) < 1e-5 * a[1], (a, b)  # loss; grad norm relative
+        assert abs(a[0] - b[0]) <= run.loss(step, a[0]), (step, a, b, run.loss(step, a[0]))
+        assert abs(a[1] - b[1]) <= run.grad_norm(step, a[1]), (step, a, b, run.grad_norm(step, a[1]))
+        worst = [
+            max(worst[0], abs(a[0] - b[0]) / run.loss(step, a[0])),
+            max(worst[1], abs(a[1] - b[1]) / run.grad_norm(step, a[1])),
+        ]
+    print(f"observed / bound: loss {worst[0]:.2f}, grad_norm {worst[1]:.2f}")
 
 
 @pytest.mark.slow
@@ -95,4 +105,4 @@ def test_labeled_data_parallel_equals_one_process(tmp_path: Path) -> None:
     assert single[0][0] == plain[0][0] and single[-1][0] != plain[-1][0]
     out = tmp_path / "dp.pt"
     run_distributed(_rank, 2, [*BASE, *cond, "--parallel.zero_stage=1", f"--log.run_dir={tmp_path}/dp"], str(out))
-    _compare(single, torch.load(out))
+    _compare(single, torch.load(out), cond)
