@@ -168,3 +168,24 @@ def test_a_validation_set_larger_than_the_split_or_the_old_key_is_refused() -> N
         load_config("configs/tiny.yaml", ["--train.eval_batches=8"])
     with pytest.raises(ConfigError, match=r"train\.eval_samples: must be positive"):
         load_config("configs/tiny.yaml", ["--train.eval_samples=0"]).validate()
+
+
+def test_a_checkpoint_config_of_the_previous_version_still_loads() -> None:
+    """A checkpoint saved before eval_samples (and before the OLMo 2 / Qwen2 fields) exports and resumes: the
+    replaced key is dropped from the saved config and the new fields take their defaults (tried end to end with a
+    checkpoint of commit bc524bb: `tplus export` and the resume both work)."""
+    from tplus_dist.checkpoint.manager import model_identity
+    from tplus_dist.config import from_dict, to_dict
+    from tplus_dist.config.base import without_renamed
+
+    now = load_config("configs/tiny.yaml")
+    old = to_dict(now)
+    old["train"].pop("eval_samples")
+    old["train"]["eval_batches"] = 8
+    for field in ("qk_norm_scope", "qkv_bias", "norm_placement"):
+        old["model"].pop(field, None)
+    with pytest.raises(ConfigError, match="eval_batches"):
+        from_dict(RunConfig, old)
+    cfg = from_dict(RunConfig, without_renamed(old))
+    assert cfg.train.eval_samples is None and cfg.model == now.model
+    assert model_identity(old["model"]) == model_identity(to_dict(now)["model"])

@@ -21,6 +21,7 @@ import torch
 from tplus_dist.checkpoint.sharded import whole_tensors
 from tplus_dist.checkpoint.store import Checkpoint, CheckpointError, find_checkpoint, verify_files
 from tplus_dist.config import RunConfig, from_dict
+from tplus_dist.config.base import without_renamed
 from tplus_dist.data.tokenizers import Tokenizer
 from tplus_dist.fsutil import respect_umask
 
@@ -185,7 +186,7 @@ def export_checkpoint(
         raise CheckpointError(f"{out} exists and is not empty; export into a new directory")
     ckpt = find_checkpoint(path)
     verify_files(ckpt)  # every file: export is rare and must not read a damaged shard
-    cfg = from_dict(RunConfig, ckpt.manifest["config"])
+    cfg = from_dict(RunConfig, without_renamed(ckpt.manifest["config"]))  # (a checkpoint of an older version too)
     state = whole_tensors(ckpt.path, ckpt.manifest["state"])
     from tplus_dist.model import build_model
 

@@ -110,6 +110,18 @@ RENAMED = {
 """Keys that were replaced: their error says by what."""
 
 
+def without_renamed(data: dict[str, Any]) -> dict[str, Any]:
+    """A saved config (a checkpoint's manifest, run.json) without the keys :data:`RENAMED` lists: what they set
+    describes how an older version ran (e.g. its validation set), not the model or state a checkpoint holds, so
+    exporting or resuming that checkpoint reads the config without them; fields added since take their defaults."""
+    out = {k: dict(v) if isinstance(v, dict) else v for k, v in data.items()}
+    for key in RENAMED:
+        section, _, name = key.partition(".")
+        if isinstance(out.get(section), dict):
+            out[section].pop(name, None)
+    return out
+
+
 def from_dict(cls: type[T], data: dict[str, Any], prefix: str = "") -> T:
     """Build dataclass ``cls`` from ``data``; unknown keys and wrong types are errors naming the field."""
     if not isinstance(data, dict):
