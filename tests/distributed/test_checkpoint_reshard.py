@@ -11,10 +11,10 @@ import pytest
 
 from tests.distributed.test_checkpoint_resume import run
 from tests.distributed.test_tp_training import validation_tokens
-from tests.tolerances import Fp32Run, param_differences
 from tests.unit.test_checkpoint import BASE, rows
 from tplus_dist.checkpoint.sharded import checkpoint_parameters
 from tplus_dist.config import load_config
+from tplus_dist.tolerances import Fp32Run, param_differences
 from tplus_dist.train.run import train
 
 # Dropout off: its masks depend on how micro-batches fall on ranks, so no two layouts could agree with it on.
@@ -74,7 +74,7 @@ def fp32_run(want: list[Any], layers: int) -> Fp32Run:
 
 def assert_close(got: list[Any], want: list[Any], run: Fp32Run, val_tokens: int) -> None:
     """The same samples and learning rates; losses and norms within fp32 rounding in another order
-    (tests/tolerances.py). The validation loss is a mean over ``val_tokens`` tokens."""
+    (tplus_dist/tolerances.py). The validation loss is a mean over ``val_tokens`` tokens."""
     assert len(got) == len(want)
     worst = [0.0, 0.0, 0.0]
     for a, b in zip(got, want, strict=True):

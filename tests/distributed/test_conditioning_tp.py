@@ -10,9 +10,9 @@ import pytest
 import torch
 
 from tests.distributed.test_tp_training import BASE
-from tests.tolerances import Fp32Run
 from tplus_dist.config import load_config
 from tplus_dist.spawn import run_distributed
+from tplus_dist.tolerances import Fp32Run
 
 MODEL = ["--model.adaln=adaln_zero", "--model.n_conditions=3", "--model.n_kv_heads=2"]
 
@@ -63,7 +63,7 @@ def test_conditioned_tensor_parallel_equals_one_process(tmp_path: Path, position
     out = tmp_path / "tp.pt"
     run_distributed(_rank, 2, [*extra, "--parallel.tensor_parallel=2"], str(out))
     two: dict[str, Any] = torch.load(out)
-    # one forward and backward from the same parameters: step 1's bounds (tests/tolerances.py); each gradient as a
+    # one forward and backward from the same parameters: step 1's bounds (tplus_dist/tolerances.py); each gradient as a
     # whole, since an element whose gradient is near zero has no relative accuracy at all
     run = Fp32Run.of(load_config("configs/tiny.yaml", [*BASE, *extra]), [4 * 32], [0.0])
     assert abs(one["loss"] - two["loss"]) <= run.loss(1, one["loss"]), (one["loss"], two["loss"])

@@ -27,7 +27,7 @@ def _single(tmp_path: Path, *extra: str) -> list[list[float]]:
 
 def _compare(single: list[list[float]], dp: list[list[float]], overrides: list[str] | None = None) -> None:
     """The same samples and learning rates; losses and gradient norms within fp32 rounding in another order (the data-
-    parallel ranks sum their gradients in another order: tests/tolerances.py)."""
+    parallel ranks sum their gradients in another order: tplus_dist/tolerances.py)."""
     assert len(single) == len(dp) == 5
     run = fp32_run(single, overrides)
     worst = [0.0, 0.0]

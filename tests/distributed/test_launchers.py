@@ -15,9 +15,9 @@ import pytest
 import torch
 
 from tests.distributed.test_tp_training import BASE, KEYS, fp32_run
-from tests.tolerances import Fp32Run
 from tplus_dist.config import load_config
 from tplus_dist.spawn import free_port
+from tplus_dist.tolerances import Fp32Run
 from tplus_dist.train.run import train
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -38,7 +38,7 @@ Reference = tuple[list[tuple[float, float]], Fp32Run]
 
 
 def single_losses(tmp_path: Path) -> Reference:
-    """The one-process run's losses and gradient norms, and its rounding bounds (tests/tolerances.py)."""
+    """The one-process run's losses and gradient norms, and its rounding bounds (tplus_dist/tolerances.py)."""
     _, history = train(load_config("configs/tiny.yaml", [*BASE, *STEPS, f"--log.run_dir={tmp_path}/one"]))
     run = fp32_run([[m[k] for k in KEYS] for m in history], STEPS)
     return [(m["loss"], m["grad_norm"]) for m in history], run

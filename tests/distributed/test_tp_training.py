@@ -9,9 +9,9 @@ from typing import Any
 import pytest
 import torch
 
-from tests.tolerances import Fp32Run, param_differences
 from tplus_dist.config import load_config
 from tplus_dist.spawn import run_distributed
+from tplus_dist.tolerances import Fp32Run, param_differences
 from tplus_dist.train.run import build_trainer
 
 CACHE = Path(__file__).resolve().parents[2] / ".cache" / "tplus-tests"
@@ -126,7 +126,7 @@ def validation_tokens(cfg: Any) -> int:
 
 def compare(single: Result, parallel: Result, overrides: list[str] | None = None) -> None:
     """The same samples and learning rates exactly; losses, validation losses, gradient norms and parameters within
-    what fp32 rounding in another order can do (tests/tolerances.py states each bound and its source)."""
+    what fp32 rounding in another order can do (tplus_dist/tolerances.py states each bound and its source)."""
     (a_hist, a_params), (b_hist, b_params) = single, parallel
     assert len(a_hist) == len(b_hist) == 5
     overrides = [o for o in overrides or [] if o != UNEVEN]

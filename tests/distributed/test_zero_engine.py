@@ -1,7 +1,7 @@
 """DeepSpeed ZeRO 0, 1, 2 and 3 on two gloo processes compute what one process computes with plain torch.
 
 Five steps from the same seed: the global-batch mean loss, the pre-clip gradient norm and the parameters afterwards
-equal a single-process AdamW loop to what fp32 rounding in another order allows (tests/tolerances.py). The targets
+equal a single-process AdamW loop to what fp32 rounding in another order allows (tplus_dist/tolerances.py). The targets
 are deliberately uneven (each sample ignores a different tail of its targets, some all of them), and the reference
 computes each step's loss as plain PyTorch would on one batch: ``F.cross_entropy(..., ignore_index)`` over the whole
 global batch at once, the mean over every counted target; so micro-batches and ranks must be weighted by their
@@ -22,7 +22,6 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from tests.tolerances import Fp32Run, param_differences
 from tplus_dist.config.model import ModelConfig
 from tplus_dist.config.run import RunConfig
 from tplus_dist.config.sections import OptimConfig, ScheduleConfig
@@ -31,6 +30,7 @@ from tplus_dist.model import build_model, lm_loss
 from tplus_dist.optim import Scheduler, build_optimizer
 from tplus_dist.parallel.engine import deep_merge, deepspeed_config
 from tplus_dist.spawn import run_distributed
+from tplus_dist.tolerances import Fp32Run, param_differences
 
 SEED = 7
 MICRO = 2
@@ -147,7 +147,7 @@ def _worker(rank: int, world: int, out_dir: str) -> None:
         for stage in STAGES:
             t0 = time.perf_counter()
             losses, norms, params, lr_ok = _run_stage(rank, stage, DeepSpeedMPU(groups))
-            # each difference as a fraction of its bound (tests/tolerances.py), the worst step
+            # each difference as a fraction of its bound (tplus_dist/tolerances.py), the worst step
             loss_err = max(
                 abs(a - b) / run.loss(t, b) for t, (a, b) in enumerate(zip(losses, ref_losses, strict=True), 1)
             )

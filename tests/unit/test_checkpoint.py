@@ -251,6 +251,29 @@ def test_verify_resume_finds_where_a_broken_resume_first_differs(tmp_path: Path,
     assert "the continuation DIFFERS" in out and "first difference at step 3, loss:" in out  # dropout's masks
 
 
+def test_verify_resume_on_another_layout_allows_fp32_rounding_and_no_more() -> None:
+    """--resume-with compares within tolerances.Fp32Run's bounds (derived from rounding, not a fixed number): a
+    difference of a few units in the last place passes, one a wrong gradient gives fails, and the parameters must be
+    within both the rms and the per-element bound."""
+    from tplus_dist.checkpoint.verify import Report, _same
+    from tplus_dist.tolerances import U, Fp32Run
+
+    run = Fp32Run(n_layers=4, width=512, tokens=(512,) * 4, lrs=(3e-3,) * 4)
+
+    def bound(key: str, value: float) -> float:
+        return run.grad_norm(1, value) if key == "grad_norm" else run.loss(1, value)
+
+    assert _same(2.5, 2.5 * (1 + 8 * U), "loss", bound) and not _same(2.5, 2.5 + 1e-3, "loss", bound)
+    assert _same(3.0, 3.0 * (1 + 8 * U), "grad_norm", bound) and not _same(3.0, 3.0 * 1.001, "grad_norm", bound)
+    assert not _same(2.5, 2.5 * (1 + 8 * U), "loss")  # the same layout: bit for bit
+    rms, largest = run.param_rms(), run.param_max()
+    ok = Report(4, 2, 4, None, largest / 2, 10, "--parallel.tensor_parallel=1", 0.0, rms / 2, (rms, largest))
+    assert ok.matches and "rms difference" in ok.text()
+    assert not Report(4, 2, 4, None, largest / 2, 10, "x", 0.0, rms * 2, (rms, largest)).matches
+    assert not Report(4, 2, 4, None, largest * 2, 10, "x", 0.0, rms / 2, (rms, largest)).matches
+    assert not Report(4, 2, 4, None, 1e-9, 10, None, 0.0, 1e-9).matches  # same layout: exact
+
+
 # ------------------------------------------------------------------------------------------------- export
 
 

@@ -1,11 +1,11 @@
-"""The rounding bounds of tests/tolerances.py hold where they can be checked directly: a sum and an inner product in
-another order, and Adam's largest step ratio against torch's AdamW."""
+"""The rounding bounds of tplus_dist/tolerances.py hold where they can be checked directly: a sum and an inner
+product in another order, and Adam's largest step ratio against torch's AdamW."""
 
 from __future__ import annotations
 
 import torch
 
-from tests.tolerances import U, adam_ratio_bound, dot_error_bound, sum_error_bound, typical_sum_error
+from tplus_dist.tolerances import U, adam_ratio_bound, dot_error_bound, sum_error_bound, typical_sum_error
 
 
 def test_a_sum_and_an_inner_product_in_another_order_stay_within_their_bounds() -> None:

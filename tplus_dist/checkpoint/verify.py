@@ -10,17 +10,20 @@ launcher to check a distributed layout. Exit status 0 when the continuation matc
 ``--resume-with`` resumes on another layout (``--resume-with --parallel.tensor_parallel=1``, repeatable: only
 ``parallel.*``, ``train.grad_accum`` and ``train.micro_batch_size`` may change, and the global batch must stay the
 same). Another layout sums in another order, so the continuation must then match to fp32 reduction-order noise
-(losses and validation losses within 1e-5, gradient norms within 1e-5 of themselves, parameters within 5e-5)
-instead of bit for bit; the samples, tokens and learning rates must still be equal.
+instead of bit for bit: the bounds of tplus_dist/tolerances.py (Fp32Run: derived from fp32 rounding for the model's
+depth and widths, the tokens of each step and the learning rates, counted from the resume; a fixed number would pass
+on one CPU and fail on another); the samples, tokens and learning rates must still be equal.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import itertools
 import math
 import os
 import shutil
 import tempfile
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -28,12 +31,11 @@ from typing import Any
 import torch
 
 from tplus_dist.config import RunConfig
+from tplus_dist.tolerances import Fp32Run, param_differences
 
 COMPARED = ("loss", "grad_norm", "lr", "first_sample", "last_sample", "tokens", "val_loss", "skipped_steps")
 LAYOUT_FIELDS = ("parallel.", "train.grad_accum", "train.micro_batch_size")
 """What --resume-with may change."""
-LOSS_TOL, NORM_REL_TOL, PARAM_TOL = 1e-5, 1e-5, 5e-5
-"""Another layout's continuation: fp32 sums in another order (see tests/distributed/test_tp_training.py)."""
 
 
 @dataclass
@@ -55,11 +57,15 @@ class Report:
     other_layout: str | None = None
     """The --resume-with overrides, when the continuation ran on another layout."""
     max_loss_difference: float = 0.0
+    param_rms: float = 0.0
+    """The root mean square of the final parameters' difference over every element."""
+    param_bounds: tuple[float, float] = (0.0, 0.0)
+    """On another layout: what fp32 rounding allows for (param_rms, max_param_difference) (tolerances.Fp32Run)."""
 
     @property
     def matches(self) -> bool:
-        tol = PARAM_TOL if self.other_layout else 0.0
-        return self.first_difference is None and self.max_param_difference <= tol
+        rms_tol, max_tol = self.param_bounds if self.other_layout else (0.0, 0.0)
+        return self.first_difference is None and self.param_rms <= rms_tol and self.max_param_difference <= max_tol
 
     def text(self) -> str:
         where = f" on another layout ({self.other_layout})" if self.other_layout else ""
@@ -73,19 +79,25 @@ class Report:
             return (
                 f"{head}: the continuation matches to fp32 reduction-order noise ({self.rows} steps: the same "
                 f"samples, tokens and learning rates; largest loss difference {self.max_loss_difference:.2e}, "
-                f"largest parameter difference {self.max_param_difference:.2e} over {self.parameter_names} tensors)"
+                f"parameters over {self.parameter_names} tensors: rms difference {self.param_rms:.2e} (bound "
+                f"{self.param_bounds[0]:.1e}), largest {self.max_param_difference:.2e} "
+                f"(bound {self.param_bounds[1]:.1e}))"
             )
         lines = [f"{head}: the continuation DIFFERS"]
         d = self.first_difference
         if d is not None:
             lines.append(f"  first difference at step {d.step}, {d.key}:")
             lines.append(f"    uninterrupted {d.uninterrupted!r}, resumed {d.resumed!r}")
-        lines.append(f"  largest parameter difference at the end: {self.max_param_difference:.3e}")
+        lines.append(
+            f"  parameters at the end: rms difference {self.param_rms:.3e}, largest {self.max_param_difference:.3e}"
+            + (f" (fp32 bounds {self.param_bounds[0]:.1e}, {self.param_bounds[1]:.1e})" if self.other_layout else "")
+        )
         return "\n".join(lines)
 
 
-def _run(cfg: RunConfig, run_dir: Path, until: int | None) -> tuple[list[dict[str, Any]], dict[str, torch.Tensor]]:
-    """Train in ``run_dir`` (to step ``until``, then save; or to the end), return the metrics and whole parameters."""
+def _run(cfg: RunConfig, run_dir: Path, until: int | None) -> tuple[list[dict[str, Any]], dict[str, torch.Tensor], int]:
+    """Train in ``run_dir`` (to step ``until``, then save; or to the end), return the metrics, whole parameters and
+    the validation set's tokens (0 without one)."""
     from tplus_dist.parallel.groups import destroy_process_groups
     from tplus_dist.parallel.state import full_state_dict
     from tplus_dist.train.run import build_trainer
@@ -104,19 +116,20 @@ def _run(cfg: RunConfig, run_dir: Path, until: int | None) -> tuple[list[dict[st
             tp_group=groups.tp if groups is not None else None,
             pp_group=groups.pp if groups is not None else None,
         )
-        return history, state
+        val = getattr(trainer.val_data, "n_samples", 0) * cfg.seq_len
+        return history, state, val
     finally:
         destroy_process_groups(keep_world=True)  # verify_resume tears torch.distributed down at its end
 
 
-def _same(a: Any, b: Any, key: str = "", close: bool = False) -> bool:
+def _same(a: Any, b: Any, key: str = "", bound: Callable[[str, float], float] | None = None) -> bool:
+    """Equal; with ``bound`` (another layout), loss-like values and gradient norms within ``bound(key, a)``."""
     if isinstance(a, float) and isinstance(b, float) and math.isnan(a) and math.isnan(b):
         return True
-    if close and key in ("loss", "val_loss") and isinstance(a, float) and isinstance(b, float):
-        return abs(a - b) < LOSS_TOL
-    if close and key == "grad_norm" and isinstance(a, float) and isinstance(b, float):
-        return abs(a - b) < NORM_REL_TOL * abs(a)
-    if close and key == "lr" and isinstance(a, float) and isinstance(b, float):
+    floats = isinstance(a, float) and isinstance(b, float)
+    if bound is not None and floats and key in ("loss", "val_loss", "grad_norm"):
+        return abs(a - b) <= bound(key, a)
+    if bound is not None and floats and key == "lr":
         return math.isclose(a, b, rel_tol=1e-12)
     return bool(a == b)
 
@@ -182,9 +195,9 @@ def verify_resume(
 
     failed = True
     try:
-        whole, whole_state = _run(fresh, base / "uninterrupted", None)
-        first, _ = _run(fresh, base / "resumed", at)
-        rest, rest_state = _run(again, base / "resumed", None)
+        whole, whole_state, val_tokens = _run(fresh, base / "uninterrupted", None)
+        first, _, _ = _run(fresh, base / "resumed", at)
+        rest, rest_state, _ = _run(again, base / "resumed", None)
         failed = False
     finally:
         destroy_process_groups(failed=failed)  # after a failure: no collective (a peer may be gone)
@@ -192,20 +205,38 @@ def verify_resume(
             shutil.rmtree(base, ignore_errors=True)
     resumed = first + rest
     close = resume_cfg is not None
+    # another layout: the rounding differences start at the resume; its bounds count steps from there
+    tokens = [0, *(int(r["tokens"]) for r in whole)]
+    after = Fp32Run.of(cfg, [b - a for a, b in itertools.pairwise(tokens[at:])], [r["lr"] for r in whole[at:]])
+    bound: Callable[[str, float], float] | None = None
+    step_now = 0
+
+    def bound_at(key: str, value: float) -> float:
+        k = max(step_now - at, 1)
+        if key == "grad_norm":
+            return after.grad_norm(k, value)
+        if key == "val_loss" and val_tokens:
+            return max(after.loss(k, value), after.loss(k, value, val_tokens))
+        return after.loss(k, value)
+
+    if close:
+        bound = bound_at
     diff = None
     for a, b in zip(whole, resumed, strict=False):
+        step_now = int(a["step"])
         for key in COMPARED:
-            if not _same(a.get(key), b.get(key), key, close):
-                diff = Difference(int(a["step"]), key, a.get(key), b.get(key))
+            if not _same(a.get(key), b.get(key), key, bound if step_now > at else None):
+                diff = Difference(step_now, key, a.get(key), b.get(key))
                 break
         if diff is not None:
             break
     if diff is None and len(whole) != len(resumed):
         diff = Difference(min(len(whole), len(resumed)) + 1, "steps run", len(whole), len(resumed))
-    worst = 0.0
-    for name, p in whole_state.items():
-        q = rest_state.get(name)
-        worst = max(worst, math.inf if q is None or q.shape != p.shape else float((p - q).abs().max()))
+    missing = [n for n, p in whole_state.items() if n not in rest_state or rest_state[n].shape != p.shape]
+    rms, worst, _ = param_differences(whole_state, rest_state) if not missing else (math.inf, math.inf, missing[0])
     losses = [abs(a["loss"] - b["loss"]) for a, b in zip(whole, resumed, strict=False)]
     layout = " ".join(resume_with) if resume_with else ("another configuration" if close else None)
-    return Report(steps, at, len(resumed), diff, worst, len(whole_state), layout, max(losses, default=0.0))
+    return Report(
+        steps, at, len(resumed), diff, worst, len(whole_state), layout, max(losses, default=0.0), rms,
+        (after.param_rms(), after.param_max()) if close else (0.0, 0.0),
+    )  # fmt: skip

@@ -1,6 +1,7 @@
 """How far apart two fp32 computations of the same mathematics in different orders may be: the tolerances of every
-test that compares layouts (TP, PP, DP, ZeRO against one process; a run resumed on another layout), derived from
-fp32 rounding for the operations involved rather than a number that passed on one machine.
+test that compares layouts (TP, PP, DP, ZeRO against one process; a run resumed on another layout) and of
+`tplus verify-resume --resume-with`, derived from fp32 rounding for the operations involved rather than a number that
+passed on one machine.
 
 Two sides that compute the same mathematics differ only by rounding (tests/distributed/test_tp_float64.py shows TP
 equals one process to 1e-14 in float64), but they round differently: another layout splits matmuls and sums over
