@@ -256,7 +256,7 @@ def test_verify_resume_on_another_layout_allows_fp32_rounding_and_no_more() -> N
     difference of a few units in the last place passes, one a wrong gradient gives fails, and the parameters must be
     within both the rms and the per-element bound."""
     from tplus_dist.checkpoint.verify import Report, _same
-    from tplus_dist.tolerances import U, Fp32Run
+    from tplus_dist.tolerances import Fp32Run, U
 
     run = Fp32Run(n_layers=4, width=512, tokens=(512,) * 4, lrs=(3e-3,) * 4)
 

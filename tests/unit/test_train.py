@@ -357,6 +357,13 @@ def test_an_eval_interval_without_a_validation_split_is_refused(tmp_path: Path, 
     err = capsys.readouterr().err
     assert "train.eval_interval: (1) has no effect: the shards at " in err and "no validation split" in err
     assert not (tmp_path / "run").exists()
+    # left at its default (100, so evaluated after the last step), no validation split: no val_loss at all, not nan
+    args = _fast("--train.steps=2", "--data.val_fraction=0", "--train.eval_interval=100", "--train.eval_samples=null",
+                 "--log.tensorboard=false",
+                 f"--log.run_dir={tmp_path}/run", f"--data.cache_dir={CACHE}")  # fmt: skip
+    assert main(["train", "configs/tiny.yaml", *args]) == 0
+    rows = read_metrics(tmp_path / "run")
+    assert len(rows) == 2 and not any("val_loss" in r or "time/eval" in r for r in rows)
 
 
 def test_metrics_lines_are_json(tmp_path: Path) -> None:

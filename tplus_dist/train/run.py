@@ -517,7 +517,8 @@ def build_trainer(cfg: RunConfig, run_dir: Path | None = None, stop: Any = None)
     scheduler = build_scheduler(
         optimizer, cfg.schedule, cfg.optim, cfg.train.steps, total_tokens=total_tokens(cfg, data.train.ramp)
     )
-    hooks: list[Hook] = [EvalHook(cfg.train.eval_interval)]  # every rank: ZeRO-3 forwards need all of them
+    # every rank: ZeRO-3 forwards need all of them; none without a validation split (nothing to report, not nan)
+    hooks: list[Hook] = [EvalHook(cfg.train.eval_interval if data.val is not None else 0)]
     writer = None
     if layout.rank == 0:  # the step's row is written before a save starts: a kill mid-save cannot lose it
         purge = ckpt.step if ckpt else (0 if start.restarted else None)  # what is recomputed
