@@ -436,7 +436,7 @@ def test_a_bad_tokenizer_option_names_the_option_and_the_reason(tmp_path: Path):
         run_tokenizer(cfg, str(tmp_path / "missing.json"))
 
 
-def test_export_refuses_a_non_empty_output_and_a_damaged_checkpoint(tmp_path: Path, capsys):
+def test_export_refuses_a_non_empty_output_and_a_damaged_checkpoint(tmp_path: Path, capsys, monkeypatch):
     import json
 
     from tplus_dist.cli import main
@@ -468,6 +468,18 @@ def test_export_refuses_a_non_empty_output_and_a_damaged_checkpoint(tmp_path: Pa
     warned = [line for line in capsys.readouterr().out.splitlines() if "warning" in line]
     assert len(warned) == 1 and "data_manifest.json" in warned[0] and "pass --tokenizer" in warned[0]
     assert not (tmp_path / "alone" / "tokenizer.json").exists() and (tmp_path / "alone" / "config.json").exists()
+    # a failure after the files are written (the logit check) leaves no half export behind, under any name
+    import tplus_dist.hf.convert as convert
+
+    def disagree(*_args: object) -> None:
+        raise convert.HFExportError("logits disagree (forced by the test)")
+
+    monkeypatch.setattr(convert, "_verify", disagree)
+    before = sorted(p.name for p in tmp_path.iterdir())
+    assert main(["export", str(ckpt), "--format", "hf", str(tmp_path / "half")]) != 0
+    assert "logits disagree" in capsys.readouterr().err
+    assert sorted(p.name for p in tmp_path.iterdir()) == before
+    monkeypatch.undo()
     (ckpt / "state" / "rank00000.safetensors").write_bytes(b"garbage")
     assert main(["export", str(ckpt), "--format", "consolidated", str(tmp_path / "new")]) == 2
     assert "rank00000.safetensors is 7 bytes, the manifest says" in capsys.readouterr().err

@@ -13,6 +13,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import shutil
 from pathlib import Path
 from typing import Any
 
@@ -214,4 +215,14 @@ def export_checkpoint(
             "dataset directory, a tokenizer.json or .tiktoken file)",
             flush=True,
         )
-    return hf.export(model, cfg.model, out, family=family, tokenizer=tok)
+    # written beside ``out`` and renamed into place once the logit check passed: a failure leaves no half export
+    staging = out.parent / f".{out.name}.exporting-{os.getpid()}"
+    shutil.rmtree(staging, ignore_errors=True)
+    try:
+        hf.export(model, cfg.model, staging, family=family, tokenizer=tok)
+        if out.exists():
+            out.rmdir()  # empty (checked above)
+        staging.rename(out)
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
+    return out
