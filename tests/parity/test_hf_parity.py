@@ -134,8 +134,9 @@ def random_cfg(family: str, seed: int) -> ModelConfig:
         mup = dict(init="mup", mup_base_d_model=32, mup_output_mult=c([1.0, 2.0]))
         extra = c([mup, dict(output_logit_scale=True, tie_embeddings=True), dict(softmax_scale=0.1)])
         kw |= dict(rmsnorm, linear_bias=c([True, False]), embed_scale=c([True, False]), **extra, **gqa, **rope, **gated)
-    elif family == "qwen3":
-        sliding = c([{}, mixed, dict(sliding_window=window, layer_pattern=["local"])])
+    elif family == "qwen3":  # as qwen2: sliding layers after the full ones (max_window_layers)
+        first_full = dict(sliding_window=window, layer_pattern=["global"] + ["local"] * (kw["n_layers"] - 1))
+        sliding = c([{}, first_full, dict(sliding_window=window, layer_pattern=["local"])])
         kw |= dict(rmsnorm, qk_norm="rmsnorm", head_dim=c([None, 32]), **sliding, **gqa, **rope, **gated)
     elif family == "gemma":
         kw |= gemma
@@ -269,41 +270,51 @@ def test_verification_catches_a_wrong_tensor(tmp_path: Path) -> None:
         hf._verify(model, cfg, folder)
 
 
-def _layer_types_qwen2_derives(config: dict[str, Any]) -> list[str]:
-    """What transformers' Qwen2Config makes of an exported config.json without its layer_types: the layers that
-    slide by use_sliding_window and max_window_layers alone."""
+def _layer_types_qwen_derives(config: dict[str, Any], family: str) -> list[str]:
+    """What transformers' Qwen2Config / Qwen3Config makes of an exported config.json without its layer_types: the
+    layers that slide by use_sliding_window and max_window_layers alone."""
     rest = {k: v for k, v in config.items() if k != "layer_types"}
-    return list(transformers.Qwen2Config(**rest).layer_types)
+    cls = transformers.Qwen2Config if family == "qwen2" else transformers.Qwen3Config
+    return list(cls(**rest).layer_types)
 
 
+QWEN_KW = {"qwen2": dict(qkv_bias=True), "qwen3": dict(qk_norm="rmsnorm")}
+"""What makes a model export as each Qwen family."""
+
+
+@pytest.mark.parametrize("family", list(QWEN_KW))
 @pytest.mark.parametrize(
     "pattern",
     [["global"], ["local"], ["global", "local", "local"], ["global", "global", "local"]],
 )
-def test_qwen2_max_window_layers_says_what_layer_types_says(pattern: list[str], tmp_path: Path) -> None:
+def test_qwen_max_window_layers_says_what_layer_types_says(family: str, pattern: list[str], tmp_path: Path) -> None:
     cfg = ModelConfig(
-        vocab_size=100, n_layers=3, d_model=32, n_heads=2, seq_len=16, qkv_bias=True,
+        vocab_size=100, n_layers=3, d_model=32, n_heads=2, seq_len=16, **QWEN_KW[family],
         sliding_window=4 if "local" in pattern else None, layer_pattern=pattern,
     )  # fmt: skip
-    hf.export(build_model(cfg), cfg, tmp_path)
+    hf.export(build_model(cfg), cfg, tmp_path, family=family)
     config = json.loads((tmp_path / "config.json").read_text())
+    assert config["model_type"] == family
     expected = [("sliding" if pattern[i % len(pattern)] == "local" else "full") + "_attention" for i in range(3)]
     assert config["layer_types"] == expected
-    assert _layer_types_qwen2_derives(config) == expected
+    assert _layer_types_qwen_derives(config, family) == expected
     # and a reader that believes use_sliding_window and max_window_layers (vLLM, older transformers) agrees
     slides = [config["use_sliding_window"] and i >= config["max_window_layers"] for i in range(3)]
     assert slides == [t == "sliding_attention" for t in expected]
 
 
+@pytest.mark.parametrize("family", list(QWEN_KW))
 @pytest.mark.parametrize("pattern", [["local", "global"], ["global", "local", "global"]])
-def test_qwen2_refuses_a_pattern_max_window_layers_cannot_say(pattern: list[str], tmp_path: Path) -> None:
+def test_qwen_refuses_a_pattern_max_window_layers_cannot_say(family: str, pattern: list[str], tmp_path: Path) -> None:
     cfg = ModelConfig(
-        vocab_size=100, n_layers=3, d_model=32, n_heads=2, seq_len=16, sliding_window=4, layer_pattern=pattern
-    )
-    with pytest.raises(hf.HFExportError, match=r"model\.layer_pattern=\[.*\]: qwen2 slides the layers from "):
-        hf.export(build_model(cfg), cfg, tmp_path / "out", family="qwen2")
+        vocab_size=100, n_layers=3, d_model=32, n_heads=2, seq_len=16, sliding_window=4, layer_pattern=pattern,
+        **({} if family == "qwen2" else QWEN_KW[family]),
+    )  # fmt: skip
+    with pytest.raises(hf.HFExportError, match=rf"model\.layer_pattern=\[.*\]: {family} slides the layers from "):
+        hf.export(build_model(cfg), cfg, tmp_path / "out", family=family)
     assert not (tmp_path / "out").exists()
-    assert hf.choose_family(cfg).model_type == "ministral"  # another family takes it
+    if family == "qwen2":
+        assert hf.choose_family(cfg).model_type == "ministral"  # another family takes it
 
 
 def test_reexported_qwen2_keeps_its_max_window_layers(tmp_path: Path) -> None:
@@ -317,7 +328,7 @@ def test_reexported_qwen2_keeps_its_max_window_layers(tmp_path: Path) -> None:
     folder, _ = save_hf_model(tmp_path / "plain", "qwen2")
     cfg, model = hf.load(folder)
     again = json.loads((hf.export(model, cfg, tmp_path / "plain-again") / "config.json").read_text())
-    assert _layer_types_qwen2_derives(again) == again["layer_types"] == ["full_attention"] * 2
+    assert _layer_types_qwen_derives(again, "qwen2") == again["layer_types"] == ["full_attention"] * 2
 
 
 # ------------------------------------------------------------------------------------------ loading HF's own models

@@ -1,5 +1,6 @@
-"""Qwen3ForCausalLM (model_type 'qwen3', HF modeling_qwen3.py): Llama with per-head RMSNorm QK-norm, any layer
-pattern."""
+"""Qwen3ForCausalLM (model_type 'qwen3', HF modeling_qwen3.py): Llama with per-head RMSNorm QK-norm, and layer
+patterns whose full-attention layers all come first (Qwen3Config's max_window_layers, as Qwen2's: layers from that
+index on slide)."""
 
 from __future__ import annotations
 
@@ -11,15 +12,30 @@ from tplus_dist.hf.core import (
     Family,
     Keys,
     Spec,
+    _fmt,
     _layer_types,
     _llama_like_rules,
     _local,
     _windows_from_hf,
 )
+from tplus_dist.hf.families.qwen2 import _max_window_layers
 
 
 def _qwen3_to_hf(cfg: ModelConfig) -> dict[str, Any]:
-    return {"attention_bias": False, "rope_scaling": None, "use_sliding_window": any(_local(cfg)), **_layer_types(cfg)}
+    out = {"attention_bias": False, "rope_scaling": None, "use_sliding_window": any(_local(cfg)), **_layer_types(cfg)}
+    k = _max_window_layers(cfg)
+    if k is not None:  # it must say what layer_types says (another pattern is refused by _qwen3_check)
+        out["max_window_layers"] = k
+    return out
+
+
+def _qwen3_check(cfg: ModelConfig) -> list[str]:
+    if _max_window_layers(cfg) is not None:
+        return []
+    return [
+        f"model.layer_pattern={_fmt(cfg.layer_pattern)}: qwen3 slides the layers from max_window_layers on, so its "
+        "full-attention layers must all come first"
+    ]
 
 
 QWEN3 = Family(
@@ -34,4 +50,7 @@ QWEN3 = Family(
     },
     rules=lambda cfg: _llama_like_rules(cfg, qk_norm=True),
     dropout=_ATTN_DROPOUT,
+    check=_qwen3_check,
+    # without sliding layers max_window_layers means nothing
+    skip_compare=lambda cfg: set() if any(_local(cfg)) else {"max_window_layers"},
 )
