@@ -18,7 +18,7 @@ from typing import Any
 import pytest
 import torch
 
-from tests.distributed.test_tp_training import BASE, KEYS, compare
+from tests.distributed.test_tp_training import BASE, compare, metric_row
 from tplus_dist.config import load_config
 from tplus_dist.spawn import run_distributed
 from tplus_dist.train.hooks import Hook
@@ -80,7 +80,7 @@ def run_layout(overrides: list[str]) -> dict[str, Any]:
     )
     t = snaps.taken
     return {
-        "rows": [[m[k] for k in KEYS] + [m.get("val_loss", -1.0)] for m in history],
+        "rows": [metric_row(m) for m in history],
         "skipped": [m["skipped"] for m in history],
         "skipped_steps": [m["skipped_steps"] for m in history],
         "step3_unchanged": unchanged(t[2], t[3]),

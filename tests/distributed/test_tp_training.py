@@ -91,8 +91,12 @@ def run_and_gather(overrides: list[str]) -> Result:
         tp_group=groups.tp if groups is not None else None,
         pp_group=groups.pp if groups is not None else None,
     )
-    extra = ("val_loss", "ce", "z_loss")
-    return [[m[k] for k in KEYS] + [m.get(k, -1.0) for k in extra] for m in history], state
+    return [metric_row(m) for m in history], state
+
+
+def metric_row(m: dict[str, Any]) -> list[float]:
+    """One step's compared values: KEYS, then val_loss, ce and z_loss (-1 where absent), as compare() reads them."""
+    return [m[k] for k in KEYS] + [m.get(k, -1.0) for k in ("val_loss", "ce", "z_loss")]
 
 
 def _rank(rank: int, world: int, overrides: list[str], out: str) -> None:
