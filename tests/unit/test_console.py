@@ -118,6 +118,7 @@ def test_the_progress_bar_stays_out_of_a_redirected_log(capsys) -> None:
 
     class Trainer:  # what ConsoleHook reads of the trainer
         total_steps = 30
+        seq_len = 64
 
         class state:
             step = 0

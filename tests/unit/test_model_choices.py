@@ -216,7 +216,8 @@ def test_qk_norm_normalizes_each_head_over_head_dim(kind: str):
 def test_qk_norm_over_the_projection_normalizes_all_of_q_and_all_of_k(kind: str):
     """OLMo 2's QK-norm: one norm over the n_heads * head_dim query features, one over the n_kv_heads * head_dim
     key features, before the heads are split (HF modeling_olmo2.py)."""
-    cfg = tiny_cfg(qk_norm=kind, qk_norm_scope="projection", norm_bias=True, position="none", n_kv_heads=2)
+    bias = dict(norm_bias=True) if kind == "layernorm" else {}  # (only a LayerNorm has one)
+    cfg = tiny_cfg(qk_norm=kind, qk_norm_scope="projection", position="none", n_kv_heads=2, **bias)
     torch.manual_seed(0)
     attn = Attention(cfg, 0, get_provider(), rotary=None)
     randomize_norm_gains(attn)
