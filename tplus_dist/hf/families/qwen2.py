@@ -4,6 +4,7 @@ slide)."""
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import Any
 
 from tplus_dist.config.model import ModelConfig
@@ -29,21 +30,33 @@ def _max_window_layers(cfg: ModelConfig) -> int | None:
     return k if all(local[k:]) else None
 
 
-def _qwen2_to_hf(cfg: ModelConfig) -> dict[str, Any]:
-    out = {"rope_scaling": None, "use_sliding_window": any(_local(cfg)), **_layer_types(cfg)}
+def windows_to_hf(cfg: ModelConfig) -> dict[str, Any]:
+    """The sliding-window keys of Qwen2Config and Qwen3Config: use_sliding_window, layer_types and a
+    max_window_layers that says the same (another pattern is refused by :func:`window_check`)."""
+    out = {"use_sliding_window": any(_local(cfg)), **_layer_types(cfg)}
     k = _max_window_layers(cfg)
-    if k is not None:  # (another pattern is refused by _qwen2_check on export; a loaded one is read by layer_types)
+    if k is not None:
         out["max_window_layers"] = k
     return out
 
 
-def _qwen2_check(cfg: ModelConfig) -> list[str]:
-    if _max_window_layers(cfg) is not None:
-        return []
-    return [
-        f"model.layer_pattern={_fmt(cfg.layer_pattern)}: qwen2 slides the layers from max_window_layers on, so its "
-        "full-attention layers must all come first"
-    ]
+def window_check(model_type: str) -> Callable[[ModelConfig], list[str]]:
+    """The family check of a max_window_layers family: refuse a pattern whose full layers do not all come first."""
+
+    def check(cfg: ModelConfig) -> list[str]:
+        if _max_window_layers(cfg) is not None:
+            return []
+        return [
+            f"model.layer_pattern={_fmt(cfg.layer_pattern)}: {model_type} slides the layers from max_window_layers "
+            "on, so its full-attention layers must all come first"
+        ]
+
+    return check
+
+
+def skip_unused_max_window_layers(cfg: ModelConfig) -> set[str]:
+    """Without sliding layers max_window_layers means nothing (Qwen2.5's files carry 21 of 24, 70 of 36)."""
+    return set() if any(_local(cfg)) else {"max_window_layers"}
 
 
 # Qwen2 (HF modeling_qwen2.py): Llama with biases on q, k and v only (none on o or the MLP), tied or untied
@@ -52,14 +65,13 @@ QWEN2 = Family(
     arch="Qwen2ForCausalLM",
     spec=Spec(norm="rmsnorm", qkv_bias=(True, False), sliding="any"),
     keys=Keys(),
-    to_hf=_qwen2_to_hf,
+    to_hf=lambda cfg: {"rope_scaling": None, **windows_to_hf(cfg)},
     from_hf=lambda hf: {
         "qkv_bias": True,
         **_windows_from_hf(hf, [t == "sliding_attention" for t in hf.layer_types]),
     },
     rules=lambda cfg: _llama_like_rules(cfg, qkv_bias=True),
     dropout=_ATTN_DROPOUT,
-    check=_qwen2_check,
-    # without sliding layers max_window_layers means nothing (Qwen2.5's files carry 21 of 24, 70 of 36)
-    skip_compare=lambda cfg: set() if any(_local(cfg)) else {"max_window_layers"},
+    check=window_check("qwen2"),
+    skip_compare=skip_unused_max_window_layers,
 )
