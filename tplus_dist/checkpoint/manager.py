@@ -130,12 +130,14 @@ class _Pending:
 
 def model_identity(model: dict[str, Any]) -> dict[str, Any]:
     """A model section as the values that make the model: derived fields resolved (ModelConfig.resolved), without
-    d_ff_multiple (it acts only through d_ff). A section that no longer loads (a field since renamed) stays as it is."""
+    d_ff_multiple (it acts only through d_ff) and provider (the implementation, not the model). A section that no
+    longer loads (a field since renamed) stays as it is."""
     try:
         resolved = to_dict(from_dict(ModelConfig, model, "model").resolved())
     except ConfigError:
         return dict(model)
     resolved.pop("d_ff_multiple", None)
+    resolved.pop("provider", None)  # an implementation: a checkpoint resumes under either provider
     return dict(resolved)
 
 

@@ -31,6 +31,7 @@ BlockKind = Literal["serial", "parallel"]
 InitKind = Literal["gpt2", "t5", "mup"]
 AdaLNKind = Literal["none", "adaln", "adaln_zero"]
 LayerAttention = Literal["global", "local"]
+ProviderKind = Literal["torch", "te"]
 
 
 @dataclass
@@ -180,6 +181,13 @@ class ModelConfig:
     """Dropout on attention probabilities."""
     resid_dropout: float = 0.0
     """Dropout on each sublayer output before the residual add."""
+
+    # -- implementation (not architecture: checkpoints and exports move between providers)
+    provider: ProviderKind = "torch"
+    """Layer implementation. torch: plain PyTorch (megatron-core's tensor-parallel layers under tensor
+    parallelism); te: Transformer Engine's fused layers and FP8 (CUDA only; a piece it cannot express runs in
+    torch, one logged line per piece: `tplus config --provider te` prints the table). Megatron-LM's
+    --transformer-impl."""
 
     # ---------------------------------------------------------------- derived
     @property
