@@ -17,7 +17,7 @@ trainer share it.
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Mapping
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 
 import torch
@@ -32,22 +32,40 @@ def count_targets(targets: torch.Tensor, ignore_index: int) -> int:
     return int((targets != ignore_index).sum())
 
 
+def count_targets_each(targets: Sequence[torch.Tensor], ignore_index: int) -> list[int]:
+    """:func:`count_targets` of each of a step's micro-batches, read in one go (one host read per step, not one per
+    micro-batch, when the targets already sit on an accelerator)."""
+    if not targets:
+        return []
+    return [int(c) for c in torch.stack([(t != ignore_index).sum() for t in targets]).tolist()]
+
+
+Sum = float | torch.Tensor
+"""A loss sum: a Python float, or a 0-d float64 tensor still on the device that computed it (read once per step)."""
+
+
 @dataclass
 class LossSums:
     """A share of a token-weighted mean: per-term sums over the targets that count, and their number.
 
     ``sums[k]`` is Σ over counted targets of term ``k`` (for a micro-batch: its mean ``x`` its count); ``tokens`` the
     number of counted targets; ``counts`` whether this share enters a reduction over ranks (one rank per data-parallel
-    replica: the others hold copies of the same values, or none)."""
+    replica: the others hold copies of the same values, or none).
 
-    sums: dict[str, float] = field(default_factory=lambda: dict.fromkeys(PARTS, 0.0))
+    A micro-batch's terms may be added as 0-d tensors: they accumulate where they were computed and are read to the
+    host once, by :meth:`settle` (called by :meth:`vector` and :meth:`means`), so that a GPU's run-ahead does not stall
+    at every micro-batch (a ``.item()`` per micro-batch waits for its forward to finish before the next is queued)."""
+
+    sums: dict[str, Sum] = field(default_factory=lambda: dict.fromkeys(PARTS, 0.0))
     tokens: int = 0
     counts: bool = True
 
-    def add(self, means: Mapping[str, float], tokens: int) -> None:
-        """Add one micro-batch: its per-term means over its ``tokens`` counted targets."""
+    def add(self, means: Mapping[str, Sum], tokens: int) -> None:
+        """Add one micro-batch: its per-term means (floats or 0-d tensors, detached here) over its ``tokens`` counted
+        targets."""
         for k, v in means.items():
-            self.sums[k] = self.sums.get(k, 0.0) + float(v) * tokens
+            term = v.detach().double() * tokens if isinstance(v, torch.Tensor) else float(v) * tokens
+            self.sums[k] = self.sums.get(k, 0.0) + term
         self.tokens += tokens
 
     def merge(self, other: LossSums) -> None:
@@ -56,15 +74,24 @@ class LossSums:
             self.sums[k] = self.sums.get(k, 0.0) + v
         self.tokens += other.tokens
 
+    def settle(self) -> dict[str, float]:
+        """The sums as floats: every device-side sum read to the host in one transfer (the step's only one)."""
+        pending = {k: v for k, v in self.sums.items() if isinstance(v, torch.Tensor)}
+        if pending:
+            values = torch.stack([v.reshape(()).to(torch.float64) for v in pending.values()]).tolist()
+            self.sums.update(zip(pending, values, strict=True))
+        return {k: float(v) for k, v in self.sums.items()}
+
     def means(self) -> dict[str, float]:
         """Each term's mean over the counted targets (0 for a term with no target, as lm_loss gives)."""
-        return {k: v / self.tokens if self.tokens else 0.0 for k, v in self.sums.items()}
+        return {k: v / self.tokens if self.tokens else 0.0 for k, v in self.settle().items()}
 
     def vector(self) -> list[float]:
         """[sum of each of PARTS, tokens, counts], zeros when this share does not count: what a reduction adds."""
         if not self.counts:
             return [0.0] * (len(PARTS) + 2)
-        return [self.sums.get(k, 0.0) for k in PARTS] + [float(self.tokens), 1.0]
+        sums = self.settle()
+        return [sums.get(k, 0.0) for k in PARTS] + [float(self.tokens), 1.0]
 
     @classmethod
     def from_vector(cls, values: Iterable[float]) -> tuple[LossSums, int]:

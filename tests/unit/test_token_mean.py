@@ -189,3 +189,47 @@ def test_a_checkpoint_config_of_the_previous_version_still_loads() -> None:
     cfg = from_dict(RunConfig, without_renamed(old))
     assert cfg.train.eval_samples is None and cfg.model == now.model
     assert model_identity(old["model"]) == model_identity(to_dict(now)["model"])
+
+
+class _HostReads:
+    """Counts reads of tensor values into Python while active: ``aten._local_scalar_dense`` (what ``.item()``,
+    ``float()``, ``int()`` and ``bool()`` of a tensor dispatch to) and ``Tensor.tolist`` (which reads without an aten
+    op). On a GPU each is a synchronisation: the host waits for every kernel queued before it."""
+
+    def __init__(self, monkeypatch: pytest.MonkeyPatch) -> None:
+        from torch.utils._python_dispatch import TorchDispatchMode
+
+        self.count = 0
+        reads = self
+
+        class Mode(TorchDispatchMode):
+            def __torch_dispatch__(self, func: Any, types: Any, args: Any = (), kwargs: Any = None) -> Any:
+                if func is torch.ops.aten._local_scalar_dense.default:
+                    reads.count += 1
+                return func(*args, **(kwargs or {}))
+
+        tolist = torch.Tensor.tolist
+
+        def counted_tolist(t: torch.Tensor) -> Any:
+            reads.count += 1
+            return tolist(t)
+
+        monkeypatch.setattr(torch.Tensor, "tolist", counted_tolist)
+        self.mode = Mode()
+
+
+def test_host_reads_per_step_do_not_grow_with_micro_batches(monkeypatch: pytest.MonkeyPatch) -> None:
+    """A step reads its loss terms once, not once per micro-batch (issue 16: a .item() per micro-batch stalls a GPU's
+    run-ahead). The same step with 1 and with 8 micro-batches makes the same number of host reads."""
+    reads = _HostReads(monkeypatch)
+    seen = {}
+    for sizes in ([8], [1] * 8):
+        trainer = _trainer(_batches(sizes, seed=4))
+        trainer.train_step()  # (first step: lazy optimizer state)
+        reads.count = 0
+        with reads.mode:
+            metrics = trainer.train_step()
+        seen[len(sizes)] = reads.count
+        assert metrics["loss"] > 0
+    assert seen[1] == seen[8], seen
+    assert seen[1] > 0  # the counter sees the step's reads (the loss must reach the host once)

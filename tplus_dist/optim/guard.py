@@ -206,10 +206,11 @@ class StepGuard:
         norm = float(grad_norm())
         distributed = dist.is_available() and dist.is_initialized()
         rank0 = not distributed or dist.get_rank() == 0
-        own_loss = share.sums.get("loss", 0.0)
+        vector = share.vector()  # (reads the step's device-side loss sums: the step's one host read of them)
+        own_loss = vector[0]
         sums = torch.tensor(
             [
-                *share.vector(),
+                *vector,
                 norm if rank0 else 0.0,
                 float(share.counts and not math.isfinite(own_loss)),
                 float(not math.isfinite(norm)),

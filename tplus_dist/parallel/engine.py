@@ -41,7 +41,7 @@ from torch import nn
 
 from tplus_dist.config.run import RunConfig
 from tplus_dist.optim.guard import StepGuard
-from tplus_dist.token_mean import LossSums, count_targets, global_token_count
+from tplus_dist.token_mean import LossSums, count_targets_each, global_token_count
 
 # No periodic prints from the engine: our trainer logs.
 _NEVER = 10**12
@@ -235,15 +235,14 @@ class EngineStep:
             eng.set_train_batch_size(micro * n * self.dp)
         if set_values is not None:
             set_values(eng.optimizer)
-        counts = [count_targets(mb[1], self.ignore_index) for mb in micro_batches]
+        counts = count_targets_each([mb[1] for mb in micro_batches], self.ignore_index)
         total = global_token_count(sum(counts), self.dp_group, eng.device if self.dp > 1 else None)
         share = LossSums(counts=counts_loss)
         for j, (mb, count) in enumerate(zip(micro_batches, counts, strict=True)):
             eng.set_gradient_accumulation_boundary(j == n - 1)
             out = self.loss_fn(eng, mb)
             loss, parts = out if isinstance(out, tuple) else (out, {})
-            terms = torch.stack([loss.detach(), *(v.detach() for v in parts.values())]).double().cpu().tolist()
-            share.add(dict(zip(["loss", *parts], terms, strict=True)), count)
+            share.add({"loss": loss, **parts}, count)  # summed on the device, read once by the guard
             # our own weight, not DeepSpeed's 1/gradient_accumulation_steps: the count may change between steps
             eng.backward(loss * (count * self.dp / total), scale_wrt_gas=False)
         # Only fp32 ZeRO 0 loses the norm (DeepSpeed's clip_fp32_gradients path); the others keep it in step().
@@ -261,7 +260,7 @@ class EngineStep:
         if norm is None:
             got = eng.get_global_grad_norm()
             norm = float("nan") if got is None else float(got)
-        sums = torch.tensor([share.sums["loss"], float(share.tokens)], dtype=torch.float64)
+        sums = torch.tensor([share.settle()["loss"], float(share.tokens)], dtype=torch.float64)
         if self.dp > 1:
             sums = sums.to(loss.device)  # NCCL reduces device tensors only
             dist.all_reduce(sums, group=self.dp_group)

@@ -26,7 +26,7 @@ from tplus_dist.model.decoder import Decoder, ParamKind, parameter_kind
 from tplus_dist.optim.guard import StepGuard
 from tplus_dist.parallel.groups import ProcessGroups
 from tplus_dist.parallel.pipeline import DecoderLoss, PipelineGradNorm, engine_grad_norm, pad_micro_batch
-from tplus_dist.token_mean import LossSums, count_targets, global_token_count
+from tplus_dist.token_mean import LossSums, count_targets_each, global_token_count
 
 _CHUNK_PREFIX = re.compile(r"^chunks\.\d+\.")
 
@@ -159,7 +159,7 @@ class InterleavedStepRunner:
             p.grad = None
         ignore = self.chunks.cfg.ignore_index
         total = global_token_count(
-            sum(count_targets(mb.targets, ignore) for mb in micro_batches), self.groups.dp, self.device
+            sum(count_targets_each([mb.targets for mb in micro_batches], ignore)), self.groups.dp, self.device
         )
         # the gradients are summed over micro-batches (scale_grads=False), then averaged over data parallel
         share = self._run(

@@ -31,7 +31,7 @@ from tplus_dist.model.decoder import Decoder, ParamKind, parameter_kind
 from tplus_dist.model.init import module_weight
 from tplus_dist.optim.guard import StepGuard
 from tplus_dist.parallel.groups import ProcessGroups
-from tplus_dist.token_mean import PARTS, LossSums, count_targets, global_token_count
+from tplus_dist.token_mean import PARTS, LossSums, count_targets_each, global_token_count
 
 MicroBatch = tuple[torch.Tensor, torch.Tensor]
 
@@ -259,7 +259,7 @@ class PipelineStepRunner:
             eng.set_train_batch_size(micro_batches[0].tokens.shape[0] * n * eng.dp_world_size)
         ignore = self.loss.cfg.ignore_index
         total = global_token_count(
-            sum(count_targets(mb.targets, ignore) for mb in micro_batches), self.groups.dp, self.device
+            sum(count_targets_each([mb.targets for mb in micro_batches], ignore)), self.groups.dp, self.device
         )
         self.loss.begin(n * eng.dp_world_size / total)
         before_update()  # the step's lr and weight decay, in the groups the engine steps with

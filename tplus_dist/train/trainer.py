@@ -19,7 +19,7 @@ from tplus_dist.data.loader import MicroBatch, StepBatch
 from tplus_dist.model.loss import lm_loss
 from tplus_dist.optim import clip_grad_norm
 from tplus_dist.optim.guard import StepGuard, gradient_fault
-from tplus_dist.token_mean import LossSums, all_reduce_sums, count_targets
+from tplus_dist.token_mean import LossSums, all_reduce_sums, count_targets, count_targets_each
 from tplus_dist.train.hooks import Hook
 from tplus_dist.train.metrics import mfu
 
@@ -70,7 +70,7 @@ class LocalStepRunner:
         t = self.trainer
         t.optimizer.zero_grad(set_to_none=True)
         ignore = t.cfg.model.ignore_index
-        counts = [count_targets(mb.targets, ignore) for mb in micro_batches]
+        counts = count_targets_each([mb.targets for mb in micro_batches], ignore)
         total = max(sum(counts), 1)
         share = LossSums()
         for mb, count in zip(micro_batches, counts, strict=True):
@@ -185,11 +185,13 @@ class Trainer:
 
     def forward_backward_step(
         self, tokens: torch.Tensor, targets: torch.Tensor, scale: float, labels: torch.Tensor | None = None
-    ) -> dict[str, float]:
-        """Forward and backward one micro-batch; gradients accumulate, scaled by ``scale``."""
+    ) -> dict[str, torch.Tensor]:
+        """Forward and backward one micro-batch; gradients accumulate, scaled by ``scale``. Returns its loss terms
+        (mean over its counted targets) as detached 0-d tensors on the device: the caller adds them up there
+        (token_mean.LossSums) and reads them once per step, so the host never waits for a micro-batch to finish."""
         loss, parts = self.loss_on(tokens.to(self.device), targets.to(self.device), labels)
         (loss * scale).backward()
-        return {"loss": loss.item(), **{k: v.item() for k, v in parts.items()}}
+        return {"loss": loss.detach(), **{k: v.detach() for k, v in parts.items()}}
 
     def train_step(self) -> dict[str, Any]:
         """One optimizer step over this step's micro-batches (their number grows with the batch ramp). Its times:
@@ -262,8 +264,8 @@ class Trainer:
             share = LossSums(counts=self.counts_loss)
             for mb in self.val_data:
                 loss, parts = self.loss_on(mb.tokens.to(self.device), mb.targets.to(self.device), mb.labels)
-                means = {"loss": loss.item(), **{k: v.item() for k, v in parts.items()}}
-                share.add(means, count_targets(mb.targets, ignore))
+                # summed on the device; all_reduce_sums reads them once
+                share.add({"loss": loss, **parts}, count_targets(mb.targets, ignore))
             self.model.train()
         return all_reduce_sums(share, self.device).means()["loss"]
 
