@@ -500,7 +500,9 @@ def build_trainer(cfg: RunConfig, run_dir: Path | None = None, stop: Any = None)
 
     model = build_decoder(cfg, layout, device)
     if cfg.train.compile:
-        model = torch.compile(model)  # type: ignore[assignment]
+        from tplus_dist.train.compile import apply_compile
+
+        apply_compile(model)  # each block in place: names, checkpoints and the engine see the eager module
     optimizer = build_optimizer(model, cfg.optim, cfg.model)
     engine = None
     if layout.world > 1:

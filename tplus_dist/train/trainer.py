@@ -20,6 +20,7 @@ from tplus_dist.model.loss import lm_loss
 from tplus_dist.optim import clip_grad_norm
 from tplus_dist.optim.guard import StepGuard, gradient_fault
 from tplus_dist.token_mean import LossSums, all_reduce_sums, count_targets, count_targets_each
+from tplus_dist.train.compile import attention_backends
 from tplus_dist.train.hooks import Hook
 from tplus_dist.train.metrics import mfu
 
@@ -179,7 +180,7 @@ class Trainer:
         self, tokens: torch.Tensor, targets: torch.Tensor, labels: torch.Tensor | None = None
     ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
         """The loss of one micro-batch; ``labels`` (each sequence's condition, model.adaln) when the data has them."""
-        with self._autocast():
+        with self._autocast(), attention_backends(self.device):
             logits = self.model(tokens) if labels is None else self.model(tokens, labels.to(self.device))
         return self.loss_fn(logits, targets)
 
