@@ -19,7 +19,9 @@ commands:
   train CONFIG [--section.key=value ...] [--resume PATH]
                                            train (a run directory under runs/ gets config, metrics, tensorboard,
                                            checkpoints); resumes from the run's latest checkpoint, or from PATH
-  config CONFIG [--section.key=value ...]  print the resolved, validated config
+  config CONFIG [--section.key=value ...] [--provider te]
+                                           print the resolved, validated config (with the te provider: which
+                                           pieces run in Transformer Engine and which in torch)
   verify-resume CONFIG [...] --steps N [--at K] [--resume-with OVERRIDE ...]
                                            run N steps, and again stopped after step K, saved and resumed
                                            (on another layout with --resume-with); report whether the
@@ -109,9 +111,34 @@ def cmd_train(argv: list[str]) -> int:
 def cmd_config(argv: list[str]) -> int:
     """The resolved config: what the file and overrides say, with every derived field (null in the file) at the value
     a run uses (RunConfig.resolved). Without CONFIG, the defaults."""
+    argv = _provider_flag(argv)
     config, overrides = _split(argv)
-    print(load_config(config, overrides).resolved().to_yaml(), end="")
+    cfg = load_config(config, overrides).resolved()
+    print(cfg.to_yaml(), end="")
+    if cfg.model.provider == "te":  # the te provider's table, as YAML comments (the output stays loadable)
+        from tplus_dist.backends.te_provider import TE_VERSION, format_plan, te_plan
+
+        tp = cfg.parallel.tensor_parallel
+        print(f"# te provider (Transformer Engine {TE_VERSION}), tensor_parallel {tp}: each piece's implementation")
+        for line in format_plan(te_plan(cfg.model, tp)).splitlines():
+            print("#   " + line)
     return 0
+
+
+def _provider_flag(argv: list[str]) -> list[str]:
+    """``--provider NAME`` / ``--provider=NAME`` -> ``--model.provider=NAME``."""
+    out, i = [], 0
+    while i < len(argv):
+        a = argv[i]
+        if a == "--provider":
+            if i + 1 >= len(argv):
+                raise ConfigError("", "--provider needs a value: torch or te")
+            out.append(f"--model.provider={argv[i + 1]}")
+            i += 2
+            continue
+        out.append("--model.provider=" + a.split("=", 1)[1] if a.startswith("--provider=") else a)
+        i += 1
+    return out
 
 
 def cmd_bench(argv: list[str]) -> int:

@@ -132,3 +132,17 @@ def is_terminal(stream: TextIO) -> bool:
         return stream.isatty()
     except (AttributeError, ValueError):  # no isatty, or a closed stream
         return False
+
+
+_NOTICED: set[str] = set()
+
+
+def notice_once(message: str, stream: TextIO | None = None) -> bool:
+    """Print ``message`` on one line (stderr unless ``stream``), on rank 0 only and once per process; returns whether
+    it was printed. For notices about the run's own choices (e.g. the te provider's torch fallbacks), which every
+    rank would otherwise repeat."""
+    if _rank() != 0 or message in _NOTICED:
+        return False
+    _NOTICED.add(message)
+    print(message, file=stream if stream is not None else sys.stderr, flush=True)
+    return True

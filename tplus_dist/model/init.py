@@ -141,7 +141,10 @@ def init_weights(model: nn.Module, cfg: ModelConfig, seed: int, prefix: str = ""
                 continue
             shard = shard_of(p)
             shape = shard.full_shape(p.shape) if shard else p.shape
-            gen = torch.Generator(device=p.device).manual_seed(_param_seed(seed, full_name))
-            full = torch.empty(shape, dtype=torch.float32, device=p.device)
+            # drawn on the CPU whatever p's device: a CUDA generator gives other numbers for the same seed, and a
+            # model built on the GPU (the te provider's, megatron-core's without CPU initialization) must start from
+            # the values of one built on the CPU and moved
+            gen = torch.Generator().manual_seed(_param_seed(seed, full_name))
+            full = torch.empty(shape, dtype=torch.float32)
             full.normal_(0.0, weight_std(full_name, cfg), generator=gen)
             p.copy_(shard.take(full) if shard else full)
