@@ -228,7 +228,7 @@ def measure_one(
         model: nn.Module = build_model(mcfg, TEProvider(None, device=device, params_dtype=torch.float32))
         keep_layers_in_bf16(model, run.precision, mcfg.n_layers)
         precision = run.precision
-        context = lambda: precision_context(precision, device)  # noqa: E731
+        context = lambda: precision_context(precision, device)
         flops = model_flops_per_token(mcfg, seq_len)
     elif provider.startswith("nanogpt"):
         model = NanoGPT(mcfg.padded_vocab_size, mcfg.seq_len, mcfg.d_model, mcfg.n_layers, mcfg.n_heads)

@@ -26,6 +26,7 @@ row failed, 1 otherwise, 2 for bad arguments or a plan that does not fit the bud
 from __future__ import annotations
 
 import argparse
+import contextlib
 import dataclasses
 import json
 import math
@@ -172,10 +173,9 @@ def budget(steps: list[Step], serial: bool) -> dict[str, float]:
     prepare = PREPARE_CAP_S if any(s.kind == "loss" for s in steps) else 0.0
     loss_caps = [s.cap_s for s in steps if s.kind == "loss"]
     pytest_caps = [s.cap_s for s in steps if s.kind == "pytest"]
-    if serial:
-        first = prepare + sum(side)
-    else:  # pytest starts at once; the loss runs after the corpus is prepared
-        first = max(max(pytest_caps, default=0.0), prepare + max(loss_caps, default=0.0))
+    # side by side, pytest starts at once and the loss runs after the corpus is prepared
+    side_by_side = max(max(pytest_caps, default=0.0), prepare + max(loss_caps, default=0.0))
+    first = prepare + sum(side) if serial else side_by_side
     bench = sum(s.cap_s for s in steps if s.kind == "bench")
     return {"prepare": prepare, "pytest_and_loss": first, "bench": bench, "total": first + bench}
 
@@ -255,10 +255,8 @@ class Running:
         return rc
 
     def kill(self) -> None:
-        try:  # the process group this step started (torch.compile workers, pytest's spawned ranks)
+        with contextlib.suppress(ProcessLookupError):  # the group it started (compile workers, spawned ranks)
             os.killpg(self.proc.pid, signal.SIGKILL)
-        except ProcessLookupError:
-            pass
 
     def tail(self, n: int = 1) -> str:
         lines = [line for line in self.step.log.read_text(errors="replace").splitlines() if line.strip()]
@@ -385,8 +383,8 @@ def goal_rows(bench: list[Row]) -> list[Row]:
             rows.append(Row(f"goal {p}", "not met", f"cannot tell: no {BENCH_REFERENCE} row or no MFU"))
             continue
         met = ratio >= want_ratio and mfu >= want_mfu
-        rows.append(Row(f"goal {p}", "met" if met else "not met",
-                        f"{ratio:.2f}x (goal {want_ratio}x), MFU {100 * mfu:.1f}% (goal {100 * want_mfu:.0f}%)"))  # fmt: skip
+        text = f"{ratio:.2f}x (goal {want_ratio}x), MFU {100 * mfu:.1f}% (goal {100 * want_mfu:.0f}%)"
+        rows.append(Row(f"goal {p}", "met" if met else "not met", text))
     return rows
 
 
