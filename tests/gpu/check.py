@@ -543,6 +543,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
+    os.chdir(ROOT)  # the configs' relative paths (data.cache_dir) mean the same here as in the steps' processes
     out = Path(args.out or os.environ.get("TPLUS_GPU_ARTIFACTS") or ROOT / "runs" / "gpu-check").resolve()
     steps = plan(args, out)
     b = budget(steps, args.serial)
