@@ -7,7 +7,7 @@ STREAMING := mosaicml-streaming==0.13.0
 # DeepSpeed/torch JIT builds land in the project, not $HOME, so CI and reruns reuse them
 export TORCH_EXTENSIONS_DIR ?= $(CURDIR)/.cache/torch_extensions
 
-.PHONY: env quickstart test lint bench clean
+.PHONY: env quickstart test lint bench gpu-check gpu-check-dry clean
 
 $(STAMP): pyproject.toml constraints.txt
 	$(PY) -m venv $(VENV)
@@ -35,6 +35,16 @@ lint: $(STAMP)
 
 bench: $(STAMP)
 	$(BIN)/tplus bench --model gpt2-124m
+
+# On a GPU host after `source .gpu/setup.sh` (../shared/gpu/README.md): pytest -m gpu, the FP8 loss comparison and
+# the 1.1B benchmark in at most eight minutes, one table (also JSON and markdown under $$TPLUS_GPU_ARTIFACTS).
+# Not through the venv: the kit's python, torch and Transformer Engine are the ones to test.
+gpu-check:
+	bash tests/gpu/run.sh $(GPU_CHECK_ARGS)
+
+# The same script on CPU: every command built and every config validated, no CUDA needed (CI runs it too).
+gpu-check-dry: $(STAMP)
+	PY=$(BIN)/python bash tests/gpu/run.sh --dry-run --out $(CURDIR)/runs/gpu-check-dry $(GPU_CHECK_ARGS)
 
 clean:
 	rm -rf $(VENV) .cache .pytest_cache .mypy_cache .ruff_cache

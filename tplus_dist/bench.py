@@ -5,16 +5,18 @@ machine state. Prints a table; nothing is asserted (benchmarks print figures).""
 from __future__ import annotations
 
 import argparse
+import contextlib
 import math
 import statistics
 import time
 from collections.abc import Callable
+from typing import Any
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from tplus_dist.config import ModelConfig, load_config
+from tplus_dist.config import ConfigError, ModelConfig, RunConfig, load_config
 from tplus_dist.model import build_model
 from tplus_dist.train.metrics import device_peak_flops
 
@@ -72,14 +74,24 @@ def _time_steps(step: Callable[[], None], n: int, device: torch.device) -> float
     return (time.perf_counter() - t0) / n
 
 
-def _fwd_bwd(model: nn.Module, tokens: torch.Tensor, targets: torch.Tensor, dtype: torch.dtype | None) -> Callable:
+def _fwd_bwd(
+    model: nn.Module,
+    tokens: torch.Tensor,
+    targets: torch.Tensor,
+    dtype: torch.dtype | None,
+    context: Callable[[], contextlib.AbstractContextManager[Any]] | None = None,
+) -> Callable:
+    """One forward+backward step: the forward under ``context()`` when given (the te rows: the trainer's
+    precision_context, bf16 autocast and TE's FP8 autocast), else under autocast to ``dtype`` (None: fp32)."""
+
     def step() -> None:
         model.zero_grad(set_to_none=True)
-        ctx = (
-            torch.autocast(tokens.device.type, dtype=dtype)
-            if dtype is not None
-            else torch.autocast("cpu", enabled=False)
-        )
+        if context is not None:
+            ctx = context()
+        elif dtype is not None:
+            ctx = torch.autocast(tokens.device.type, dtype=dtype)
+        else:
+            ctx = torch.autocast("cpu", enabled=False)
         with ctx:
             logits = model(tokens)
         loss = F.cross_entropy(logits.float().reshape(-1, logits.shape[-1]), targets.reshape(-1))
@@ -146,13 +158,34 @@ PROVIDERS = (
 Transformer Engine (bf16, FP8 recipes)."""
 
 
-def _unavailable(provider: str, device: torch.device) -> str | None:
-    if provider.startswith("te-"):
-        # Transformer Engine's layers need CUDA; the te provider is built and measured on an H100 (issue 6)
-        if device.type != "cuda":
-            return "Transformer Engine needs a CUDA device"
-        return "the te provider is not built yet: it is developed and measured on an H100 (issue 6)"
-    return None
+def provider_overrides(provider: str) -> list[str]:
+    """The ``--section.key=value`` overrides a benchmark row loads its preset with: the te rows build the decoder with
+    ``model.provider=te`` in bf16 autocast and their FP8 recipe (``precision.fp8``), the others the preset as it is.
+    `make gpu-check --dry-run` validates these with the real loader."""
+    if provider not in PROVIDERS:
+        raise ValueError(f"provider {provider!r}: not one of {', '.join(PROVIDERS)}")
+    if not provider.startswith("te-"):
+        return []
+    fp8 = provider.removeprefix("te-fp8-") if provider.startswith("te-fp8-") else "none"
+    return ["--model.provider=te", "--precision.dtype=bf16", f"--precision.fp8={fp8}"]
+
+
+def _unavailable(provider: str, device: torch.device, run: RunConfig | None = None) -> str | None:
+    """Why this row cannot be measured here (None: it can): the te rows need Transformer Engine and a CUDA device
+    (te_unavailable_reason), and an FP8 recipe a GPU that runs it (precision.precheck's one sentence)."""
+    if not provider.startswith("te-"):
+        return None
+    from tplus_dist.backends.te_provider import te_unavailable_reason
+
+    why = te_unavailable_reason(device)
+    if why is None and run is not None:
+        from tplus_dist.precision import precheck
+
+        try:
+            precheck(run, device)
+        except ConfigError as e:
+            why = str(e)
+    return why
 
 
 def _peak_memory(device: torch.device) -> float:
@@ -173,15 +206,32 @@ def measure_one(
     repeats: int,
     device: torch.device,
     dtype: torch.dtype | None,
+    run: RunConfig | None = None,
 ) -> dict[str, object]:
     """One configuration, in this process: tokens/s (median of repeats), TFLOP/s, MFU against the bf16 peak
-    (also under FP8, so rows compare) and peak memory."""
-    why = _unavailable(provider, device)
+    (also under FP8, so rows compare) and peak memory. The te rows need ``run`` (the preset loaded with
+    :func:`provider_overrides`): its precision section is the trainer's (precision_context, keep_layers_in_bf16).
+    A row that cannot run here returns ``{"provider", "unavailable": why}``."""
+    why = _unavailable(provider, device, run)
     if why:
         return {"provider": provider, "unavailable": why}
     torch.manual_seed(0)
-    if provider.startswith("nanogpt"):
-        model: nn.Module = NanoGPT(mcfg.padded_vocab_size, mcfg.seq_len, mcfg.d_model, mcfg.n_layers, mcfg.n_heads)
+    context = None
+    if provider.startswith("te-"):
+        if run is None:
+            raise ValueError(f"the {provider} row needs the run config (its precision section)")
+        from tplus_dist.backends.te_provider import TEProvider
+        from tplus_dist.model.decoder import model_flops_per_token
+        from tplus_dist.precision import keep_layers_in_bf16, precision_context
+
+        # The trainer's build: fp32 master parameters (TE casts them under autocast), the te layers.
+        model: nn.Module = build_model(mcfg, TEProvider(None, device=device, params_dtype=torch.float32))
+        keep_layers_in_bf16(model, run.precision, mcfg.n_layers)
+        precision = run.precision
+        context = lambda: precision_context(precision, device)
+        flops = model_flops_per_token(mcfg, seq_len)
+    elif provider.startswith("nanogpt"):
+        model = NanoGPT(mcfg.padded_vocab_size, mcfg.seq_len, mcfg.d_model, mcfg.n_layers, mcfg.n_heads)
         flops = reference_flops_per_token(mcfg.padded_vocab_size, mcfg.d_model, mcfg.n_layers, seq_len)
     else:
         model = build_model(mcfg)
@@ -193,8 +243,8 @@ def measure_one(
         model = torch.compile(model)  # type: ignore[assignment]
     tokens = torch.randint(0, mcfg.vocab_size, (batch_size, seq_len), device=device)
     targets = torch.randint(0, mcfg.vocab_size, (batch_size, seq_len), device=device)
-    step = _fwd_bwd(model, tokens, targets, dtype)
-    for _ in range(2):  # warm-up: allocator, kernels, compilation
+    step = _fwd_bwd(model, tokens, targets, dtype, context)
+    for _ in range(2):  # warm-up: allocator, kernels, compilation (and FP8's first scaling factors)
         step()
     times = [_time_steps(step, steps, device) for _ in range(repeats)]
     med = statistics.median(times)
@@ -284,7 +334,10 @@ def main(argv: list[str] | None = None) -> int:
     device = torch.device(args.device if args.device != "auto" else ("cuda" if torch.cuda.is_available() else "cpu"))
     path = args.model if args.model.endswith((".yaml", ".yml")) else f"models/{args.model}.yaml"
     extra = [f"--model.n_layers={args.n_layers}"] if args.n_layers else []
-    mcfg = load_config(path, extra + overrides).model
+    if args.provider is not None:
+        extra += provider_overrides(args.provider)
+    run = load_config(path, extra + overrides)
+    mcfg = run.model
     seq = args.seq_len or (256 if device.type == "cpu" else mcfg.seq_len)
     bs = args.batch_size or (4 if device.type == "cpu" else 8)
     dtype = {"fp32": None, "bf16": torch.bfloat16, "auto": torch.bfloat16 if device.type == "cuda" else None}[
@@ -293,7 +346,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.json:
         import json
 
-        one = measure_one(mcfg, args.provider, bs, seq, args.steps, args.repeats, device, dtype)
+        one = measure_one(mcfg, args.provider, bs, seq, args.steps, args.repeats, device, dtype, run)
         print(json.dumps({**one, "batch": bs, "seq": seq, "dtype": str(dtype or torch.float32)}), flush=True)
         return 0
     r = run_bench(mcfg, bs, seq, args.steps, args.repeats, device, dtype, args.compile)

@@ -450,6 +450,8 @@ def test_bench_matrix_runs_each_configuration_in_its_own_process_and_prints_a_ta
     assert len(table[1:-1]) == len(rows) == 3 and all(out.count(line) == 1 for line in rows.values())
     assert set(rows) == {"torch-eager", "nanogpt-eager", "te-bf16"}
     assert float(rows["torch-eager"].split()[2].replace(",", "")) > 0  # measured tokens/s
-    assert "unavailable: Transformer Engine needs a CUDA device" in rows["te-bf16"]
+    # on CPU the te row says why it is not measured (te_unavailable_reason: TE or CUDA missing), it does not fail
+    assert "unavailable: " in rows["te-bf16"] and "failed:" not in rows["te-bf16"], rows["te-bf16"]
+    assert any(word in rows["te-bf16"] for word in ("Transformer Engine", "CUDA")), rows["te-bf16"]
     with pytest.raises(ValueError, match="--provider te-fp9: not one of"):
         bench(["--model", "tiny", "--provider", "te-fp9"])
