@@ -306,7 +306,8 @@ def build_decoder(cfg: RunConfig, layout: Layout, device: torch.device) -> torch
         # -> DeepSpeedEngine.forward -> module(...)); torch's PipelineStage calls each chunk once per micro-batch: a
         # forward hook puts each call in its own precision context, as the trainer's loss_on does. The loss is
         # computed outside it there as here.
-        parts = model.chunks if hasattr(model, "chunks") else [model]
+        chunks = getattr(model, "chunks", None)  # interleaved: one PipelineStage per chunk
+        parts: list[torch.nn.Module] = list(chunks) if isinstance(chunks, torch.nn.ModuleList) else [model]
         for part in parts:
             precision.hold_during_forward(
                 part, lambda: precision.precision_context(cfg.precision, device, amax_reduction_group=amax_group)
