@@ -205,3 +205,18 @@ def test_extra_state_named_as_the_decoder_names_it() -> None:
     setattr(stage, "5", nn.Module())
     getattr(stage, "5").layers = nn.ModuleDict({"3": Scaled(2)})
     assert list(extra_state.extra_states(stage, rename=decoder_name)) == ["layers.3._extra_state"]
+
+
+def test_deepspeed_bf16_accumulates_in_fp32_under_zero() -> None:
+    from tplus_dist.parallel.engine import deepspeed_config
+
+    def ds(dtype: str, zero: int) -> dict[str, Any]:
+        return deepspeed_config(
+            load_config(None, [f"--precision.dtype={dtype}", f"--parallel.zero_stage={zero}"]), 2, "cpu"
+        )
+
+    for zero in (1, 2, 3):
+        got = ds("bf16", zero)
+        assert got["bf16"] == {"enabled": True} and got["data_types"] == {"grad_accum_dtype": "fp32"}
+    assert "data_types" not in ds("bf16", 0)  # DeepSpeed 0.19.8 refuses bf16 params with fp32 accumulation there
+    assert "data_types" not in ds("fp32", 1) and ds("fp32", 1)["bf16"] == {"enabled": False}
