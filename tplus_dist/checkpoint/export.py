@@ -19,6 +19,7 @@ from typing import Any
 
 import torch
 
+from tplus_dist.checkpoint.extra_state import without_extra_state
 from tplus_dist.checkpoint.sharded import whole_tensors
 from tplus_dist.checkpoint.store import Checkpoint, CheckpointError, find_checkpoint, verify_files
 from tplus_dist.config import RunConfig, from_dict
@@ -198,7 +199,10 @@ def export_checkpoint(
         from safetensors.torch import save_file
 
         out.mkdir(parents=True, exist_ok=True)
-        save_file({k: v.contiguous() for k, v in model.state_dict().items()}, str(out / "model.safetensors"))
+        save_file(
+            {k: v.contiguous() for k, v in without_extra_state(model.state_dict()).items()},
+            str(out / "model.safetensors"),
+        )
         respect_umask(out / "model.safetensors")
         (out / "config.yaml").write_text(cfg.to_yaml())
         return out

@@ -26,7 +26,8 @@ from typing import Any
 import numpy as np
 import torch
 
-from tplus_dist.checkpoint.sharded import build_index, load_state, snapshot_state, write_state
+from tplus_dist.checkpoint import extra_state
+from tplus_dist.checkpoint.sharded import _core, build_index, load_state, snapshot_state, write_state
 from tplus_dist.checkpoint.store import (
     FORMAT_VERSION,
     Checkpoint,
@@ -215,6 +216,8 @@ class CheckpointManager:
             "data": trainer.train_data.state_dict(),
             "rng": rng_state_plain(),
             **({"guard": trainer.guard.state_dict()} if hasattr(trainer, "guard") else {}),  # skips, spike window
+            # modules' own state (TE's FP8 scaling state), one value per module (extra_state.py)
+            "extra_state": extra_state.extra_states(_core(trainer)),
         }
 
     def _write(self, job: _Pending, tensors: list[tuple[str, torch.Tensor]], own: dict[str, Any], rank: int) -> None:
@@ -401,6 +404,29 @@ class CheckpointManager:
         if "guard" in own and hasattr(trainer, "guard"):  # (older checkpoints have none)
             trainer.guard.load_state_dict(own["guard"])
         set_rng_state_plain(own["rng"])
+        self._load_extra_states(trainer, ckpt, own, same_layout)
+
+    def _load_extra_states(self, trainer: Any, ckpt: Checkpoint, own: dict[str, Any], same_layout: bool) -> None:
+        """Modules' extra state (TE's FP8 scaling state): this rank's own on the saved layout; on another, each
+        module's from the first saved rank that held it (extra_state.merge). A te model resumed from a checkpoint
+        without it (a torch-provider run, or an older one) starts fresh scaling state; one line says so."""
+        core = _core(trainer)
+        if not any(extra_state.has_extra_state(m) for m in core.modules()):
+            return  # (a te checkpoint's extra state has no module here: dropped)
+        if same_layout:
+            states = own.get("extra_state", {})
+        else:
+            files = sorted((ckpt.path / TRAINER_DIR).glob("rank*.pt"))
+            states = extra_state.merge(
+                torch.load(f, map_location="cpu", weights_only=True).get("extra_state", {}) for f in files
+            )
+        missing, _dropped = extra_state.load_extra_states(core, states)
+        if missing and comm.rank() == 0:
+            print(
+                f"tplus: {ckpt.path} holds no FP8 scaling state for {len(missing)} modules (e.g. {missing[0]}); "
+                "Transformer Engine starts it fresh",
+                flush=True,
+            )
 
     def clean_staging(self) -> None:
         """Remove staging directories of interrupted saves (rank 0, before training starts)."""

@@ -42,6 +42,33 @@ def _yaml_load(text: str) -> Any:
     return yaml.load(text, Loader=_YamlLoader)  # a SafeLoader subclass: no arbitrary objects
 
 
+FP8_ALIGN = 16
+"""TE 2.20.2 utils.py ``assert_dim_for_fp8_exec``: an FP8 GEMM's input has its last dimension a multiple of 16, and
+its weight ([out, in]) both dimensions (in % 16, out % 8: 16 is asked of both, as the issue and Megatron's
+--fp8 docs state it). quantization.py ``get_align_size_for_quantization`` gives 16 for the delayed, current and
+block recipes too (32 only for MXFP8, 128 for NVFP4, which we do not offer)."""
+FP8_TOKEN_ALIGN = 8
+"""TE 2.20.2 utils.py ``assert_dim_for_fp8_exec``: the product of an input's leading dimensions (micro-batch x
+sequence) a multiple of 8."""
+
+
+def fp8_gemm_dims(cfg: RunConfig) -> list[tuple[str, str, int]]:
+    """The GEMM widths one tensor-parallel rank's FP8 layers see, as (the field that sets it, what it is, size):
+    d_model (the input of the q/kv projections and the MLP's first GEMM, the output of the attention projection and
+    the MLP's second), the query and key/value projections' widths per rank (kv heads fewer than the ranks are
+    replicated, one per rank, as parallel.check_fits allows), and the MLP's hidden width per rank. Source: TE
+    2.20.2 module/linear.py, layernorm_linear.py, layernorm_mlp.py call ``assert_dim_for_fp8_exec(inputmat,
+    weight)`` on exactly these operands."""
+    m, tp = cfg.model, cfg.parallel.tensor_parallel
+    kv_per_rank = max(m.kv_heads // tp, 1)
+    return [
+        ("model.d_model", "the model width", m.d_model),
+        ("model.n_heads", "the query projection's width per tensor-parallel rank", m.n_heads // tp * m.dim_head),
+        ("model.n_kv_heads", "the key/value projections' width per tensor-parallel rank", kv_per_rank * m.dim_head),
+        ("model.d_ff", "the MLP's hidden width per tensor-parallel rank", m.ffn_dim // tp),
+    ]
+
+
 @dataclass
 class RunConfig:
     model: ModelConfig = field(default_factory=ModelConfig)
@@ -91,7 +118,47 @@ class RunConfig:
             "data.labels",
             "is true, but the model takes no label: set model.adaln (adaln or adaln_zero) and model.n_conditions",
         )
+        self._check_fp8()
         return self
+
+    def _check_fp8(self) -> None:
+        """precision.fp8 against the other sections: the te provider, bf16, the layer counts, and the GEMM shapes
+        FP8 can take (every refusal before any work is done)."""
+        prec, m = self.precision, self.model
+        if prec.fp8 == "none":
+            return
+        check(
+            m.provider == "te",
+            "precision.fp8",
+            f"({prec.fp8!r}) runs FP8 GEMMs inside Transformer Engine's layers, so it needs model.provider te "
+            f"(got {m.provider!r})",
+        )
+        check(
+            prec.dtype in ("bf16", "auto"),
+            "precision.dtype",
+            f"({prec.dtype!r}) must be bf16 (or auto) with precision.fp8 {prec.fp8!r}: the GEMMs outside FP8 and the "
+            "layers kept out of FP8 run in bf16",
+        )
+        kept = prec.num_layers_at_start_in_bf16 + prec.num_layers_at_end_in_bf16
+        check(
+            kept <= m.n_layers,
+            "precision.num_layers_at_start_in_bf16",
+            f"plus precision.num_layers_at_end_in_bf16 is {kept}, more than model.n_layers ({m.n_layers})",
+        )
+        for field_name, what, size in fp8_gemm_dims(self):
+            check(
+                size % FP8_ALIGN == 0,
+                field_name,
+                f"makes {what} {size}, which FP8 GEMMs cannot take: Transformer Engine needs every GEMM dimension a "
+                f"multiple of {FP8_ALIGN} (TE 2.20.2 utils.py assert_dim_for_fp8_exec)",
+            )
+        tokens = self.train.micro_batch_size * self.seq_len
+        check(
+            tokens % FP8_TOKEN_ALIGN == 0,
+            "train.micro_batch_size",
+            f"x train.seq_len is {tokens} tokens per micro-batch, which FP8 GEMMs cannot take: Transformer Engine "
+            f"needs it a multiple of {FP8_TOKEN_ALIGN} (TE 2.20.2 utils.py assert_dim_for_fp8_exec)",
+        )
 
     def resolved(self) -> RunConfig:
         """A copy with the derived fields (None in the config) set to what a run uses: the model's

@@ -340,13 +340,63 @@ class TrainConfig:
 
 @dataclass
 class PrecisionConfig:
-    """Numerics. fp32 master weights always; autocast for the matmuls."""
+    """Numerics. fp32 master weights always (the optimizer's copy); autocast for the matmuls, and optionally FP8
+    GEMMs through Transformer Engine (model.provider te). Written against Transformer Engine 2.20.2."""
 
     dtype: Literal["auto", "fp32", "bf16"] = "auto"
     """auto: bf16 autocast on GPU, fp32 on CPU."""
+    fp8: Literal["none", "delayed", "current", "block"] = "none"
+    """FP8 GEMMs in Transformer Engine's layers (needs model.provider te, a GPU of compute capability 8.9+, and bf16):
+    delayed = TE's DelayedScaling (per-tensor scale from an amax history of earlier steps; Megatron-LM's
+    --fp8-recipe delayed), current = Float8CurrentScaling (per-tensor scale from this step's amax; tensorwise),
+    block = Float8BlockScaling (1x128 / 128x128 block scales, DeepSeek-V3's recipe; compute capability 9.0+ and
+    CUDA 12.9+; Megatron-LM's blockwise). none: no FP8 (Megatron-LM's --fp8-format unset)."""
+    fp8_format: Literal["hybrid", "e4m3"] = "hybrid"
+    """hybrid: E4M3 in the forward pass, E5M2 (more range) for gradients; e4m3: E4M3 everywhere (TE's
+    Format.HYBRID / Format.E4M3; Megatron-LM's --fp8-format). hybrid is TE's default for delayed and current
+    scaling and the usual training choice."""
+    fp8_amax_history_len: int = 1024
+    """delayed only: steps of amax history the scale is computed from (TE DelayedScaling.amax_history_len, default
+    1024; Megatron-LM's --fp8-amax-history-len)."""
+    fp8_amax_compute_algo: Literal["max", "most_recent"] = "max"
+    """delayed only: the amax taken from the history: its max (robust to a dip) or the most recent value (TE
+    DelayedScaling.amax_compute_algo, default max; Megatron-LM's --fp8-amax-compute-algo)."""
+    fp8_margin: int = 0
+    """delayed only: the scale is divided by 2^margin, headroom against growth between steps (TE
+    DelayedScaling.margin, default 0; Megatron-LM's --fp8-margin)."""
+    num_layers_at_start_in_bf16: int = 0
+    """With fp8: the first this many decoder blocks run their GEMMs in bf16 (the early layers are the most
+    sensitive to FP8 error). Megatron-LM's --num-layers-at-start-in-bf16."""
+    num_layers_at_end_in_bf16: int = 0
+    """With fp8: the last this many decoder blocks run in bf16. Megatron-LM's --num-layers-at-end-in-bf16."""
 
     def validate(self, prefix: str = "precision") -> None:
-        pass
+        p = prefix + "."
+        check(
+            self.fp8_amax_history_len >= 1,
+            p + "fp8_amax_history_len",
+            f"must be at least 1, got {self.fp8_amax_history_len}",
+        )
+        check(self.fp8_margin >= 0, p + "fp8_margin", f"must be >= 0, got {self.fp8_margin}")
+        for name in ("num_layers_at_start_in_bf16", "num_layers_at_end_in_bf16"):
+            check(getattr(self, name) >= 0, p + name, f"must be >= 0, got {getattr(self, name)}")
+        if self.fp8 == "none":
+            # a recipe setting given without a recipe would be ignored silently
+            check_unused(
+                self, prefix,
+                ("fp8_format", "fp8_amax_history_len", "fp8_amax_compute_algo", "fp8_margin",
+                 "num_layers_at_start_in_bf16", "num_layers_at_end_in_bf16"),
+                "it is an FP8 setting, and precision.fp8 is 'none'",
+                off=(0,),
+            )  # fmt: skip
+        elif self.fp8 != "delayed":
+            # TE 2.20.2 common/recipe/__init__.py: only DelayedScaling has margin, amax_history_len and
+            # amax_compute_algo; Float8CurrentScaling and Float8BlockScaling take the scale from the tensor itself
+            check_unused(
+                self, prefix, ("fp8_amax_history_len", "fp8_amax_compute_algo", "fp8_margin"),
+                f"it is a setting of delayed scaling (an amax history), and precision.fp8 {self.fp8!r} scales each "
+                "tensor from its own amax",
+            )  # fmt: skip
 
 
 @dataclass

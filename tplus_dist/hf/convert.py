@@ -11,6 +11,7 @@ from typing import Any
 
 import torch
 
+from tplus_dist.checkpoint.extra_state import without_extra_state
 from tplus_dist.config.base import ConfigError, from_dict, to_dict
 from tplus_dist.config.model import ModelConfig
 from tplus_dist.fsutil import respect_umask
@@ -232,7 +233,7 @@ def _verify(model: Decoder, cfg: ModelConfig, folder: Path) -> float:
     ref = model
     if any(p.dtype != torch.float32 for p in model.parameters()):  # compare in fp32, not the training dtype
         ref = build_model(cfg)
-        ref.load_state_dict({k: v.float().cpu() for k, v in model.state_dict().items()})
+        ref.load_state_dict({k: v.float().cpu() for k, v in without_extra_state(model.state_dict()).items()})
     device = next(ref.parameters()).device
     gen = torch.Generator().manual_seed(0)
     tokens = torch.randint(cfg.vocab_size, (2, min(cfg.seq_len, 32)), generator=gen)
@@ -295,7 +296,7 @@ def export(
     kwargs.update(special, architectures=[fam.arch])
     kwargs[STASH_KEY] = to_dict(cfg)
     hf_cfg = AutoConfig.for_model(fam.model_type, **kwargs)
-    state = _to_hf_state(fam, cfg, model.state_dict())
+    state = _to_hf_state(fam, cfg, without_extra_state(model.state_dict()))  # parameters only: no FP8 scales
     with no_init_weights():  # skip the random init that load_state_dict overwrites anyway
         hf_model = AutoModelForCausalLM.from_config(hf_cfg, dtype=torch.float32)
     missing, unexpected = hf_model.load_state_dict(state, strict=False)

@@ -3,8 +3,9 @@
 Keys of the generated config that are ours to set (an override of these is applied, but it then disagrees with
 the run config, so prefer changing the run config): ``train_micro_batch_size_per_gpu``,
 ``gradient_accumulation_steps``, ``train_batch_size``, ``zero_optimization.stage``, ``gradient_clipping``,
-``bf16.enabled``. Everything else (``zero_optimization`` bucket sizes, ``overlap_comm``, logging, ...) is the
-user's to tune through ``overrides``, which deep-merge on top.
+``bf16.enabled``, ``data_types.grad_accum_dtype`` (fp32 under bf16 with ZeRO 1-3). Everything else
+(``zero_optimization`` bucket sizes, ``overlap_comm``, logging, ...) is the user's to tune through ``overrides``,
+which deep-merge on top.
 
 What DeepSpeed 0.19.8 does to a step (checked on CPU/gloo with 2 processes, ZeRO 0 to 3, fp32):
 
@@ -72,6 +73,7 @@ OWNED_KEYS = {
     "gradient_clipping": "optim.grad_clip",
     "bf16": "precision.dtype",
     "fp16": "precision.dtype",
+    "data_types.grad_accum_dtype": "precision.dtype",
     "optimizer": "optim.*",
     "scheduler": "schedule.*",
 }
@@ -129,18 +131,31 @@ def deepspeed_config(
         raise ValueError(f"the data-parallel size must be at least 1, got {dp}")
     micro = cfg.train.micro_batch_size
     accum = cfg.train.grad_accum if grad_accum is None else grad_accum
+    bf16 = use_bf16(cfg, device)
     ds: dict[str, Any] = {
         "train_micro_batch_size_per_gpu": micro,
         "gradient_accumulation_steps": accum,
         "train_batch_size": micro * accum * dp,
         "gradient_clipping": cfg.optim.grad_clip,
         "zero_optimization": {"stage": cfg.parallel.zero_stage},
-        "bf16": {"enabled": use_bf16(cfg, device)},
+        "bf16": {"enabled": bf16},
         # ZeRO refuses optimizers it has not tested unless told; ours are torch's AdamW, Adafactor and SOAP.
         "zero_allow_untested_optimizer": True,
         "steps_per_print": _NEVER,
         "wall_clock_breakdown": False,
     }
+    if bf16 and cfg.parallel.zero_stage >= 1:
+        # bf16 under ZeRO keeps fp32 master weights, as DeepSpeed 0.19.8 does by default (runtime/precision_config.py
+        # DeepSpeedBF16Config.bf16_master_weights_and_grads False: ZeRO 1/2's single_partition_of_fp32_groups,
+        # ZeRO 3's fp32_partitioned_groups_flat, BF16_Optimizer's fp32_groups_flat_partition). What the default gets
+        # wrong is the accumulation: without data_types.grad_accum_dtype the gradients of a step's micro-batches are
+        # summed in the model's dtype, bf16 (engine.py get_data_types), losing the low bits of every micro-batch
+        # after the first. fp32 sums them in fp32: ZeRO 1 then takes DeepSpeed's BF16_Optimizer (engine.py
+        # _do_optimizer_sanity_check: bf16 model + fp32 accumulation + stage 1 -> BFLOAT16; fp32 master weights
+        # and gradients, partitioned over data parallel), ZeRO 2 and 3 their own optimizers with fp32 gradient
+        # buffers (stage_1_and_2.py / stage3.py gradient_accumulation_dtype). Not for ZeRO 0: DeepSpeed refuses a
+        # bf16 model with fp32 accumulation there (_do_optimizer_sanity_check: "unsupported mix").
+        ds["data_types"] = {"grad_accum_dtype": "fp32"}
     return deep_merge(ds, overrides) if overrides else ds
 
 

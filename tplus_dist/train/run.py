@@ -14,6 +14,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from tplus_dist import precision
 from tplus_dist.config import ConfigError, RunConfig
 from tplus_dist.data.corpus import pydoc_documents
 from tplus_dist.data.loader import EvalBatches, ShardBatches, fetch_manifest, open_split
@@ -290,22 +291,49 @@ def setup_layout(cfg: RunConfig, device: torch.device) -> Layout:
 
 
 def build_decoder(cfg: RunConfig, layout: Layout, device: torch.device) -> torch.nn.Module:
-    """The decoder for this rank: whole, its tensor-parallel slice (megatron-core layers), or its pipeline stage
-    (a DeepSpeed PipelineModule). Every rank starts from the values one process would have (model/init.py),
-    whatever the layout."""
+    """The decoder for this rank: whole, its tensor-parallel slice (megatron-core layers, or Transformer Engine's
+    with model.provider te), or its pipeline stage (a DeepSpeed PipelineModule, or the interleaved chunks). Every
+    rank starts from the values one process would have (model/init.py), whatever the layout. Then the precision:
+    a pipeline stage runs each forward in precision.precision_context (the other layouts' forward runs in the
+    trainer's), and with precision.fp8 the first/last layers named by precision.num_layers_at_*_in_bf16 run with
+    FP8 off (precision.keep_layers_in_bf16)."""
     torch.manual_seed(cfg.train.seed)
+    model = _build_decoder(cfg, layout, device)
     groups = layout.groups
-    if groups is None or (groups.dims.tp == 1 and groups.dims.pp == 1):
-        return build_model(cfg.model).to(device)
+    amax_group = precision.amax_reduction_group(groups) if cfg.precision.fp8 != "none" else None
+    if groups is not None and groups.dims.pp > 1:
+        # DeepSpeed's pipeline engine calls the PipelineModule once per micro-batch (PipelineEngine._exec_forward_pass
+        # -> DeepSpeedEngine.forward -> module(...)); torch's PipelineStage calls each chunk once per micro-batch: a
+        # forward hook puts each call in its own precision context, as the trainer's loss_on does. The loss is
+        # computed outside it there as here.
+        chunks = getattr(model, "chunks", None)  # interleaved: one PipelineStage per chunk
+        parts: list[torch.nn.Module] = list(chunks) if isinstance(chunks, torch.nn.ModuleList) else [model]
+        for part in parts:
+            precision.hold_during_forward(
+                part, lambda: precision.precision_context(cfg.precision, device, amax_reduction_group=amax_group)
+            )
+    precision.keep_layers_in_bf16(model, cfg.precision, cfg.model.n_layers, amax_reduction_group=amax_group)
+    return model
+
+
+def _build_decoder(cfg: RunConfig, layout: Layout, device: torch.device) -> torch.nn.Module:
     from tplus_dist.backends import LayerProvider, get_provider
 
-    provider: LayerProvider = get_provider("torch")
-    if groups.dims.tp > 1:
+    groups = layout.groups
+    tp_group = groups.tp if groups is not None and groups.dims.tp > 1 else None
+    provider: LayerProvider | None = None
+    if cfg.model.provider == "te":
+        from tplus_dist.backends.te_provider import TEProvider  # imports TE on use (CUDA only)
+
+        # the tensor-parallel group the megatron path splits over (None: whole layers)
+        provider = TEProvider(tp_group, device=device, params_dtype=torch.float32)
+    elif tp_group is not None:
         from tplus_dist.backends.megatron_provider import MegatronProvider
 
-        provider = MegatronProvider(groups.tp, device=device, params_dtype=torch.float32)
-    if groups.dims.pp == 1:
+        provider = MegatronProvider(tp_group, device=device, params_dtype=torch.float32)
+    if groups is None or groups.dims.pp == 1:
         return build_model(cfg.model, provider).to(device)
+    provider = provider if provider is not None else get_provider("torch")
     from tplus_dist.model.init import draw_init_seed
 
     cfg.model.validate()
@@ -477,6 +505,7 @@ def build_trainer(cfg: RunConfig, run_dir: Path | None = None, stop: Any = None)
     (checkpoint/signals.py) for saving and stopping on a signal."""
     cfg.validate()
     device = resolve_device(cfg.train.device)
+    precision.precheck(cfg, device)  # no Transformer Engine / CUDA / FP8-capable GPU: stop before any work
     torch.set_num_threads(int(os.environ.get("TPLUS_NUM_THREADS", torch.get_num_threads())))
     from tplus_dist.parallel.engine import load_deepspeed_overrides
 
@@ -569,6 +598,8 @@ def build_trainer(cfg: RunConfig, run_dir: Path | None = None, stop: Any = None)
             step = EngineStep(engine, loss_fn, layout.groups.dp, ignore_index=cfg.model.ignore_index)
             trainer.runner = EngineStepRunner(step, trainer.guard, counts_loss=layout.groups.tp_rank == 0)
     trainer.layout = layout
+    if cfg.precision.fp8 != "none":
+        trainer.amax_reduction_group = precision.amax_reduction_group(layout.groups)
     trainer.checkpoints, trainer.run_locks = manager, start.locks
     if layout.world > 1:  # every group exists now (DeepSpeed's and the pipeline's too)
         from tplus_dist.parallel.groups import set_collective_timeout

@@ -19,6 +19,7 @@ from tplus_dist.data.loader import MicroBatch, StepBatch
 from tplus_dist.model.loss import lm_loss
 from tplus_dist.optim import clip_grad_norm
 from tplus_dist.optim.guard import StepGuard, gradient_fault
+from tplus_dist.precision import autocast_dtype, precision_context
 from tplus_dist.token_mean import LossSums, all_reduce_sums, count_targets, count_targets_each
 from tplus_dist.train.compile import attention_backends
 from tplus_dist.train.hooks import Hook
@@ -159,28 +160,23 @@ class Trainer:
         self.loss_fn: Callable[..., tuple[torch.Tensor, dict[str, torch.Tensor]]] = getattr(core, "loss", None) or (
             lambda logits, targets: lm_loss(logits, targets, z_loss=mcfg.z_loss, ignore_index=mcfg.ignore_index)
         )
-        self.autocast_dtype = self._autocast_dtype()
+        self.autocast_dtype = autocast_dtype(cfg.precision, device)
+        self.amax_reduction_group: Any = None
+        """The group FP8 delayed scaling reduces amaxes over (precision.amax_reduction_group), set by build_trainer."""
         self.guard = StepGuard.from_config(cfg.train, device)
         """Skips bad steps (optim/guard.py); its wrapped optimizer step is every layout's only way to update."""
         self.guard.wrap(optimizer)
 
-    def _autocast_dtype(self) -> torch.dtype | None:
-        choice = self.cfg.precision.dtype
-        if choice == "bf16" or (choice == "auto" and self.device.type == "cuda"):
-            return torch.bfloat16
-        return None
-
-    def _autocast(self) -> contextlib.AbstractContextManager[Any]:
-        if self.autocast_dtype is None:
-            return contextlib.nullcontext()
-        # weights stay fp32 (the optimizer's master copy); matmuls run in bf16
-        return torch.autocast(self.device.type, dtype=self.autocast_dtype)
+    def forward_context(self) -> contextlib.AbstractContextManager[Any]:
+        """The precision one micro-batch's forward runs in (precision.precision_context: bf16 autocast, and TE's
+        FP8 autocast with precision.fp8); a fresh context each micro-batch."""
+        return precision_context(self.cfg.precision, self.device, amax_reduction_group=self.amax_reduction_group)
 
     def loss_on(
         self, tokens: torch.Tensor, targets: torch.Tensor, labels: torch.Tensor | None = None
     ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
         """The loss of one micro-batch; ``labels`` (each sequence's condition, model.adaln) when the data has them."""
-        with self._autocast(), attention_backends(self.device):
+        with self.forward_context(), attention_backends(self.device):
             logits = self.model(tokens) if labels is None else self.model(tokens, labels.to(self.device))
         return self.loss_fn(logits, targets)
 
