@@ -493,3 +493,46 @@ def test_the_resume_flag_is_the_checkpoint_resume_field():
     assert _resume_flag(["--resume=p", "c.yaml"]) == ["--checkpoint.resume=p", "c.yaml"]
     with pytest.raises(ConfigError):
         _resume_flag(["c.yaml", "--resume"])
+
+
+class ForwardCount(torch.nn.Module):
+    """A module with state outside its parameters, kept through torch's extra-state API as Transformer Engine keeps
+    its FP8 scaling state (amax history and scales, updated at every forward): here, the number of forwards of the
+    block it is attached to."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.count = 0
+
+    def get_extra_state(self) -> torch.Tensor:
+        return torch.tensor([self.count])
+
+    def set_extra_state(self, state: Any) -> None:
+        self.count = int(state[0])
+
+
+def test_modules_extra_state_resumes_with_the_run(tmp_path: Path, monkeypatch):
+    """The FP8 scaling state path (checkpoint/extra_state.py) through a real save and resume: a module's extra state
+    after the interrupted-and-resumed run equals the uninterrupted run's. Without it the resumed count would restart
+    from 0 (a resumed FP8 delayed-scaling run would restart its amax history)."""
+    import tplus_dist.train.run as run_module
+
+    counters: list[ForwardCount] = []
+    build = run_module.build_decoder
+
+    def with_counter(*args: Any, **kwargs: Any) -> torch.nn.Module:
+        model = build(*args, **kwargs)
+        counter = ForwardCount()
+        model.layers["0"].forward_count = counter  # a submodule of block 0: named layers.0.forward_count
+        model.layers["0"].register_forward_pre_hook(lambda *_: setattr(counter, "count", counter.count + 1))
+        counters.append(counter)
+        return model
+
+    monkeypatch.setattr(run_module, "build_decoder", with_counter)
+    train(load_config("configs/tiny.yaml", [*BASE, f"--log.run_dir={tmp_path / 'whole'}"]))
+    whole = counters[-1].count
+    assert whole >= 6 * 2  # 6 steps of 2 micro-batches, and the evaluations
+    interrupted(tmp_path / "run", 3)
+    assert 0 < counters[-1].count < whole
+    train(load_config("configs/tiny.yaml", [*BASE, f"--log.run_dir={tmp_path / 'run'}"]))
+    assert counters[-1].count == whole

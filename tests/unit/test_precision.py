@@ -45,6 +45,7 @@ def refused(overrides: list[str]) -> ConfigError:
         ([*TE, "--model.n_heads=10", "--model.head_dim=20"], "model.n_heads"),
         ([*TE, "--train.micro_batch_size=1", "--train.seq_len=100"], "train.micro_batch_size"),
         ([*TE, "--precision.fp8_amax_history_len=0"], "precision.fp8_amax_history_len"),
+        ([*TE, "--train.compile=true"], "train.compile"),
     ],
 )  # fmt: skip
 def test_refusals_name_the_field(overrides: list[str], field: str) -> None:

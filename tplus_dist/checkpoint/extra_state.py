@@ -18,8 +18,10 @@ payload is a pickle. A resumed delayed-scaling run needs it set; current and blo
 
 from __future__ import annotations
 
+import contextlib
+import os
 import re
-from collections.abc import Callable, Iterable, Mapping
+from collections.abc import Callable, Iterable, Iterator, Mapping
 from typing import Any
 
 from torch import nn
@@ -82,3 +84,23 @@ def load_extra_states(
 def without_extra_state(state: Mapping[str, Any]) -> dict[str, Any]:
     """``state`` (a state_dict) without modules' extra state: for exports, which hold parameters only."""
     return {k: v for k, v in state.items() if not k.endswith(SUFFIX)}
+
+
+UNSAFE_PICKLE_ENV = "NVTE_ALLOW_UNSAFE_PICKLE_EXTRA_STATE"
+"""Transformer Engine 2.20.2's switch (transformer_engine/pytorch/_extra_state.py) for unpickling DelayedScaling's
+extra state: without it ``set_extra_state`` refuses the payload."""
+
+
+@contextlib.contextmanager
+def unsafe_pickle_allowed() -> Iterator[None]:
+    """``NVTE_ALLOW_UNSAFE_PICKLE_EXTRA_STATE=1`` while the block runs (TE reads it at each ``set_extra_state``), and
+    the variable as it was afterwards. For loading a checkpoint this project wrote and verified only."""
+    before = os.environ.get(UNSAFE_PICKLE_ENV)
+    os.environ[UNSAFE_PICKLE_ENV] = "1"
+    try:
+        yield
+    finally:
+        if before is None:
+            os.environ.pop(UNSAFE_PICKLE_ENV, None)
+        else:
+            os.environ[UNSAFE_PICKLE_ENV] = before

@@ -420,7 +420,12 @@ class CheckpointManager:
             states = extra_state.merge(
                 torch.load(f, map_location="cpu", weights_only=True).get("extra_state", {}) for f in files
             )
-        missing, _dropped = extra_state.load_extra_states(core, states)
+        # TE 2.20.2 keeps DelayedScaling's amax history and scales as a pickle inside its uint8 extra-state tensor and
+        # unpickles it only under NVTE_ALLOW_UNSAFE_PICKLE_EXTRA_STATE=1 (transformer_engine/pytorch/_extra_state.py).
+        # Set for this load only: the checkpoint is this run's own (its run id is checked before any load) and its
+        # files were verified against the manifest's checksums; a resumed FP8 run continues exactly only with it.
+        with extra_state.unsafe_pickle_allowed():
+            missing, _dropped = extra_state.load_extra_states(core, states)
         if missing and comm.rank() == 0:
             print(
                 f"tplus: {ckpt.path} holds no FP8 scaling state for {len(missing)} modules (e.g. {missing[0]}); "

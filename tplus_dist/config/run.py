@@ -152,6 +152,13 @@ class RunConfig:
                 f"makes {what} {size}, which FP8 GEMMs cannot take: Transformer Engine needs every GEMM dimension a "
                 f"multiple of {FP8_ALIGN} (TE 2.20.2 utils.py assert_dim_for_fp8_exec)",
             )
+        check(
+            not (self.train.compile and prec.fp8 == "delayed"),
+            "train.compile",
+            "cannot run with precision.fp8 delayed: Transformer Engine refuses DelayedScaling under torch.compile "
+            "(TE 2.20.2 quantization.py check_recipe_support); use precision.fp8 current or block, or train.compile "
+            "false",
+        )
         tokens = self.train.micro_batch_size * self.seq_len
         check(
             tokens % FP8_TOKEN_ALIGN == 0,
