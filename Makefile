@@ -30,7 +30,7 @@ lint: $(STAMP)
 	$(BIN)/ruff check .
 	$(BIN)/ruff format --check .
 	$(BIN)/mypy
-	$(BIN)/shellcheck slurm/*.sh slurm/*.sbatch launch/*.sh docker/*.sh
+	$(BIN)/shellcheck slurm/*.sh slurm/*.sbatch launch/*.sh docker/*.sh tests/gpu/run.sh
 	$(BIN)/hadolint docker/Dockerfile
 
 bench: $(STAMP)
