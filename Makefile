@@ -7,7 +7,7 @@ STREAMING := mosaicml-streaming==0.13.0
 # DeepSpeed/torch JIT builds land in the project, not $HOME, so CI and reruns reuse them
 export TORCH_EXTENSIONS_DIR ?= $(CURDIR)/.cache/torch_extensions
 
-.PHONY: env quickstart test lint bench gpu-check gpu-check-dry clean
+.PHONY: env quickstart test test-slow lint bench gpu-check gpu-check-dry clean
 
 $(STAMP): pyproject.toml constraints.txt
 	$(PY) -m venv $(VENV)
@@ -24,7 +24,11 @@ quickstart: $(STAMP)
 	$(BIN)/tplus train configs/tiny.yaml
 
 test: $(STAMP)
-	$(BIN)/python -m pytest -q
+	$(BIN)/python -m pytest -q -m "not extended"
+
+# The second set: slow proofs (layouts x recompute x sequence parallelism...) beyond the main set's 30 minutes.
+test-slow: $(STAMP)
+	$(BIN)/python -m pytest -q -m extended
 
 lint: $(STAMP)
 	$(BIN)/ruff check .

@@ -47,6 +47,8 @@ FIELD_HANDLING: dict[str, str] = {
     "mup_base_d_model": "training-only, except through the muP logit multiplier (checked)",
     "mup_output_mult": "training-only, except through the muP logit multiplier (checked)",
     "init_std": "training-only",
+    "provider": "implementation only: both providers hold the same parameters under the same names (TE's extra "
+    "state is not exported)",
     "t5_bias_buckets": "only with position t5_bias, which no supported family computes (refused)",
     "t5_bias_max_distance": "only with position t5_bias, which no supported family computes (refused)",
     "t5_bias_shared": "only with position t5_bias, which no supported family computes (refused)",
