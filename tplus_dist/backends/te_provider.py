@@ -100,7 +100,12 @@ def attention_core_choice(cfg: ModelConfig) -> tuple[str, str]:
     if cfg.position == "t5_bias":
         parts.append("T5 bias as post_scale_bias [1, h, s, s]")
     if cfg.attn_softcap is not None:
-        parts.append(f"softcap={cfg.attn_softcap:g} (capped before the bias, as Gemma 2)")
+        # TE 2.20.2 attention/dot_product_attention/utils.py "Filter: softcap" (l. 838-866): FusedAttention (cuDNN)
+        # cannot cap, so TE runs flash-attn >= 2.6 (not in the GPU kit) or its unfused PyTorch path, which
+        # materialises the [b, h, s, s] scores: exact, but slow and memory-hungry at long sequences
+        parts.append(
+            f"softcap={cfg.attn_softcap:g} (capped before the bias, as Gemma 2; TE's unfused path without flash-attn)"
+        )
     if cfg.softmax_off_by_one:
         parts.append("softmax_type='off-by-one'")
     if cfg.attn_dropout > 0:
@@ -281,9 +286,10 @@ class TEProvider:
             in_features,
             out_features,
             bias=bias,
-            # TE 2.20.2 module/linear.py: "column" divides out_features by tp_size, "row" in_features, and a row
-            # linear all-reduces its output and adds the bias after the reduction (gemm_bias_unfused_add); None
-            # (one process) does no communication
+            # TE 2.20.2 module/linear.py l. 2062-2065: "column" divides out_features by tp_size, "row" in_features;
+            # a row linear all-reduces its output and adds the bias after the reduction (gemm_bias_unfused_add,
+            # l. 2247); None (one process) does no communication. tp_size is read from tp_group when one is given
+            # (l. 2048-2054). Without bias, .bias is an empty tensor, not a parameter (l. 2236)
             parallel_mode=role if n > 1 else None,
             tp_group=self.group,
             tp_size=n,
@@ -315,8 +321,10 @@ class TEProvider:
         te = self._te()
         cls = te.RMSNorm if impl == "te.RMSNorm" else te.LayerNorm
         # TE 2.20.2 module/rmsnorm.py, module/layernorm.py: normalized_shape, eps, zero_centered_gamma (the gain is
-        # 1 + weight, weight initialised to 0: our unit_offset); device and dtype go to the op (ops/basic/rmsnorm.py,
-        # ops/basic/layer_norm.py). The norm is replicated over TP ranks, like the torch provider's.
+        # 1 + weight, weight initialised to 0, ops/basic/rmsnorm.py l. 148-151: our unit_offset); device and dtype
+        # go to the op through **kwargs (ops/basic/rmsnorm.py l. 73-82, ops/basic/layer_norm.py l. 74-83). The op
+        # normalises in the autocast dtype (ops/basic/rmsnorm.py l. 188: maybe_autocast_dtype), so under bf16
+        # autocast its output is bf16. The norm is replicated over TP ranks, like the torch provider's.
         m = cls(dim, eps=eps, zero_centered_gamma=unit_offset, device=self.device, dtype=self.params_dtype)
         _fill_extra_state(m)
         return m
@@ -378,27 +386,39 @@ class TEAttentionCore(nn.Module):
         self.window = cfg.sliding_window if cfg.layer_is_local(layer) else None
         self.alibi = cfg.position == "alibi"
         if self.alibi:
-            slopes = alibi_slopes(cfg.n_heads)[heads.start : heads.stop].float().contiguous()
+            # utils.py get_alibi (l. 2154): custom slopes are "FP32, CUDA tensor, of shape [num_heads]" (this rank's
+            # heads); made on the device here so a model whose torch pieces are not moved yet still runs
+            slopes = alibi_slopes(cfg.n_heads)[heads.start : heads.stop].float().contiguous().to(device)
             self.register_buffer("slopes", slopes, persistent=False)
         self.rel_bias: T5RelativeBias | None = None
         self.shaw: ShawRelative | None = None  # never set: Shaw positions run the torch core (te_plan)
         self.dpa = te.DotProductAttention(
-            # this rank's head counts with tp_size 1: DotProductAttention's own TP (dot_product_attention.py
-            # __init__) only divides the counts by tp_size, and a replicated kv head (kv < tp) would divide to 0
+            # this rank's head counts with tp_size 1: DotProductAttention's own TP only divides the counts by tp_size
+            # (TE 2.20.2 attention/dot_product_attention/dot_product_attention.py l. 925-926, and forward asserts k's
+            # heads == num_gqa_groups // tp_size, l. 2379), so a replicated kv head (kv < tp) would divide to 0
             h,
             cfg.dim_head,  # kv_channels: the head size of q, k and v
             num_gqa_groups=kv,
-            attention_dropout=cfg.attn_dropout,  # applied in training mode only (self.training, as our core)
-            qkv_format="bshd",  # [b, s, h, d] in, [b, s, h * d] out (backends.py: view(batch, seq, -1))
+            # applied in training mode only, as our core (backends.py l. 1167, 2603: "if self.training else 0.0";
+            # the unfused path's torch.nn.Dropout, l. 412)
+            attention_dropout=cfg.attn_dropout,
+            # [b, s, h, d] in, [b, s, h * d] out (backends.py l. 792: view(batch_size, max_seqlen_q, -1))
+            qkv_format="bshd",
+            # top-left causal: with s_q == s_kv the same as bottom-right; forward forces bottom_right_diagonal False
+            # for "causal" (dot_product_attention.py l. 2400-2401), which also aligns the ALiBi bias top-left
             attn_mask_type="causal",
-            # dot_product_attention.py docstring: query i sees keys [i - w0, i + w1]; ours sees i - j < window,
-            # i.e. w0 = window - 1; (-1, 0) is the plain causal mask
+            # query i sees keys j with i - w0 <= j <= i + w1, inclusive (dot_product_attention.py docstring l. 748;
+            # utils.py get_full_mask l. 2103, 2115: visible iff (i - j) - w0 <= 0); ours (model/attention.py
+            # attention_mask) sees i - j < window, so w0 = window - 1 (as Hugging Face's and flash-attn's
+            # sliding_window - 1); (-1, 0) is the plain causal mask (utils.py check_set_window_size l. 2992)
             window_size=(self.window - 1, 0) if self.window is not None else (-1, 0),
-            # backends.py UnfusedDotProductAttention: cap * tanh(scores / cap) on the scaled logits before
-            # post_scale_bias / ALiBi are added (Gemma 2's order, ours); utils.py picks a backend honouring it
+            # backends.py l. 697-699 (UnfusedDotProductAttention): cap * tanh(scores / cap) on the scaled logits
+            # before post_scale_bias / ALiBi are added (Gemma 2's order, ours); utils.py l. 838-866 leaves only
+            # backends that honour it (never FusedAttention)
             softcap=cfg.attn_softcap or 0.0,
             softmax_scale=cfg.attn_scale,
-            # dot_product_attention.py: "off-by-one" is exp(S_i) / (1 + sum_j exp(S_j)) (a zero sink, no parameter)
+            # dot_product_attention.py docstring l. 795-798: "off-by-one" is exp(S_i) / (1 + sum_j exp(S_j)), a zero
+            # sink (l. 963-966: a zeros tensor, no parameter; backends.py l. 719-730 appends it as a column)
             softmax_type="off-by-one" if cfg.softmax_off_by_one else "vanilla",
             layer_number=layer + 1,  # (1-based in TE; used for its logs and qk-layer-scaling, which is off)
         )
@@ -420,8 +440,10 @@ class TEAttentionCore(nn.Module):
             # FusedAttention can differentiate, utils.py Filter: Attention bias)
             kwargs.update(core_attention_bias_type="post_scale_bias", core_attention_bias=learned.to(dtype)[None])
         elif self.alibi:
-            # utils.py get_alibi: -|i - j| * slope, FP32 slopes of shape [h]; bottom_right_diagonal False for the
-            # causal mask aligns it top-left, i.e. -(i - j) * slope on the visible keys, as ours
+            # utils.py get_alibi l. 2218-2219: -|i - j| * slope, FP32 slopes of shape [h]; bottom_right_diagonal
+            # False for the causal mask aligns it top-left, i.e. -(i - j) * slope on the visible keys, as ours
+            # (model/positions.py alibi_bias). TE caches the bias in a module-level dict (_alibi_cache,
+            # dot_product_attention.py l. 2680-2701), refreshed when layer_number is 1 or the shape changes
             kwargs.update(core_attention_bias_type="alibi", alibi_slopes=self.slopes.float())
         out = self.dpa(q, k, v, **kwargs)  # [b, s, h * d]
         return out.view(b, s, h, d).transpose(1, 2)
