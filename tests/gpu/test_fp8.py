@@ -4,7 +4,6 @@ checkpoint resumed equal to the uninterrupted run. Skips without CUDA or TE."""
 from __future__ import annotations
 
 import copy
-import os
 from typing import Any
 
 import pytest
@@ -58,6 +57,15 @@ def test_recipe_forward_backward_close_to_bf16(recipe: str) -> None:
     tokens = torch.randint(256, (4, 64), device="cuda")
     with precision.precision_context(ref_cfg.precision, "cuda"):
         want = ref(tokens).float()
+    # Delayed scaling quantizes with the scales of earlier steps: they start at 1 with an empty amax history (TE 2.20.2
+    # quantization.py DelayedScalingRecipeState, l. 1436-1442) and are first updated when an FP8 region with grad
+    # enabled exits (autocast_exit, l. 772-783) and, for the gradients, in the backward. Two warm-up steps give every
+    # scale its amax, as a training run has after its first step; the per-tensor recipes need none (harmless).
+    for _ in range(2):
+        with precision.precision_context(cfg.precision, "cuda"):
+            warm = model(tokens).float()
+        warm.square().mean().backward()
+    model.zero_grad(set_to_none=True)
     with precision.precision_context(cfg.precision, "cuda"):
         got = model(tokens).float()
     got.square().mean().backward()
@@ -67,10 +75,15 @@ def test_recipe_forward_backward_close_to_bf16(recipe: str) -> None:
     assert rel < REL_TOL, f"{recipe}: relative error {rel:.4f} vs bf16"
 
 
-def test_fp8_checkpoint_resumes_exactly() -> None:
+def test_fp8_checkpoint_resumes_exactly(monkeypatch: pytest.MonkeyPatch) -> None:
     _te()
-    # delayed scaling's state is a pickle TE 2.20.2 loads only with this set (_extra_state.py); it is our own
-    os.environ["NVTE_ALLOW_UNSAFE_PICKLE_EXTRA_STATE"] = "1"
+    # delayed scaling's state is a pickle TE 2.20.2 loads only with this set (_extra_state.py l. 17, 83-85, read at
+    # each set_extra_state); it is our own. monkeypatch: the variable must not outlive this test
+    monkeypatch.setenv(extra_state.UNSAFE_PICKLE_ENV, "1")
+    # bit-equal continuation needs a deterministic attention backward: DotProductAttention reads this at construction
+    # (dot_product_attention.py l. 949-952) and its backend filter then keeps only deterministic kernels
+    # (attention/dot_product_attention/utils.py "Filter: Determinism", l. 1729)
+    monkeypatch.setenv("NVTE_ALLOW_NONDETERMINISTIC_ALGO", "0")
     model, cfg = _model("delayed")
     opt = torch.optim.SGD(model.parameters(), lr=1e-2)
     gen = torch.Generator(device="cuda").manual_seed(1)
@@ -94,3 +107,27 @@ def test_fp8_checkpoint_resumes_exactly() -> None:
     opt2 = torch.optim.SGD(resumed.parameters(), lr=1e-2)
     opt2.load_state_dict(saved_opt)
     assert [step(resumed, opt2, x) for x in batches[3:]] == straight
+
+
+def test_layers_kept_in_bf16_run_without_fp8() -> None:
+    """precision.num_layers_at_start/end_in_bf16: inside the run's FP8 region, the kept blocks' TE layers run with
+    FP8 off (a nested ``autocast(enabled=False)``, TE 2.20.2 quantization.py l. 1037-1065 saves and restores the outer
+    state) and the others with it on. TE records the decision per module at each forward (module/base.py
+    init_fp8_metadata, l. 1532-1536: ``self.fp8 = FP8GlobalStateManager.is_fp8_enabled()``)."""
+    _te()
+    import transformer_engine.pytorch as te
+
+    kept = ["--precision.num_layers_at_start_in_bf16=1", "--precision.num_layers_at_end_in_bf16=1"]
+    cfg = load_config(None, [*SMALL, "--model.n_layers=3", "--precision.fp8=current", *kept])
+    from tplus_dist.backends.te_provider import TEProvider
+
+    model = build_model(cfg.model, TEProvider(device=torch.device("cuda"))).cuda()
+    precision.keep_layers_in_bf16(model, cfg.precision, cfg.model.n_layers)
+    tokens = torch.randint(256, (4, 64), device="cuda")
+    with precision.precision_context(cfg.precision, "cuda"):
+        out = model(tokens).float()
+    out.square().mean().backward()
+    assert torch.isfinite(out).all()
+    for i in range(3):
+        linears = [m for m in model.layers[str(i)].modules() if isinstance(m, te.Linear)]
+        assert linears and all(m.fp8 == (i == 1) for m in linears), (i, [m.fp8 for m in linears])

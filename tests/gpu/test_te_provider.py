@@ -33,13 +33,14 @@ def te_module() -> object:
 
 
 def pair(cfg: ModelConfig) -> tuple[Decoder, Decoder]:
-    """The torch-provider model (built on the CPU, moved) and the te-provider one (built on the GPU), the second
-    loaded from the first's state dict (a torch checkpoint into te, strictly)."""
+    """The torch-provider model (built on the CPU, moved) and the te-provider one (TE's layers built on the GPU; its
+    torch pieces, the embedding, rotary tables and fallbacks, are built on the CPU and moved, as train/run.py does),
+    the second loaded from the first's state dict (a torch checkpoint into te, strictly)."""
     te_module()
     from tplus_dist.backends.te_provider import TEProvider
 
     ref = Decoder(cfg, init_seed=0).to(DEVICE)
-    te = Decoder(cfg, TEProvider(device=DEVICE), init_seed=0)
+    te = Decoder(cfg, TEProvider(device=DEVICE), init_seed=0).to(DEVICE)
     te.load_state_dict(ref.state_dict(), strict=True)
     return ref, te
 
@@ -174,6 +175,6 @@ def test_te_init_equals_torch_init() -> None:
 
     cfg = tiny()
     ref = Decoder(cfg, init_seed=7)
-    te = Decoder(cfg, TEProvider(device=DEVICE), init_seed=7)
+    te = Decoder(cfg, TEProvider(device=DEVICE), init_seed=7).to(DEVICE)
     for n, p in ref.named_parameters():
         assert torch.equal(dict(te.named_parameters())[n].cpu(), p), n
