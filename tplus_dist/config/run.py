@@ -47,9 +47,12 @@ FP8_ALIGN = 16
 its weight ([out, in]) both dimensions (in % 16, out % 8: 16 is asked of both, as the issue and Megatron's
 --fp8 docs state it). quantization.py ``get_align_size_for_quantization`` gives 16 for the delayed, current and
 block recipes too (32 only for MXFP8, 128 for NVFP4, which we do not offer)."""
-FP8_TOKEN_ALIGN = 8
-"""TE 2.20.2 utils.py ``assert_dim_for_fp8_exec``: the product of an input's leading dimensions (micro-batch x
-sequence) a multiple of 8."""
+FP8_TOKEN_ALIGN = 16
+"""Tokens per micro-batch (micro-batch x sequence) a multiple of 16. TE 2.20.2 asserts 8 in the forward (utils.py
+``assert_dim_for_fp8_exec``, l. 708: the product of an input's leading dimensions), but documents 16 (quantization.py
+``autocast`` docstring, l. 983-985: "both dimensions are divisible by 16 ... padding sequence length to be multiple of
+16"): in the backward the token dimension is the weight-gradient GEMM's inner dimension, which no assertion guards
+before cuBLAS sees it. The documented bound is the one held to."""
 
 
 def fp8_gemm_dims(cfg: RunConfig) -> list[tuple[str, str, int]]:
@@ -164,7 +167,7 @@ class RunConfig:
             tokens % FP8_TOKEN_ALIGN == 0,
             "train.micro_batch_size",
             f"x train.seq_len is {tokens} tokens per micro-batch, which FP8 GEMMs cannot take: Transformer Engine "
-            f"needs it a multiple of {FP8_TOKEN_ALIGN} (TE 2.20.2 utils.py assert_dim_for_fp8_exec)",
+            f"needs it a multiple of {FP8_TOKEN_ALIGN} (TE 2.20.2 quantization.py, autocast's docstring)",
         )
 
     def resolved(self) -> RunConfig:
