@@ -2,8 +2,10 @@
 
 torch lets a module carry state that is not a parameter or buffer through ``get_extra_state`` /
 ``set_extra_state``; ``state_dict`` files it under ``<module>._extra_state``. TE 2.20.2 module/base.py
-``TransformerEngineBaseModule.get_extra_state`` returns a uint8 tensor (a pickled dict: the recipe, and under
-delayed scaling the scales and amax histories; empty for a stateless recipe or outside FP8). It is one opaque
+``TransformerEngineBaseModule.get_extra_state`` (l. 1354-1417) returns a uint8 tensor (a pickled dict: the recipe, and
+under delayed scaling the scales and amax histories; empty for a stateless recipe, _extra_state.py l. 56-63, or for a
+module that never ran in FP8); the fusible ops behind te.RMSNorm / te.LayerNorm do the same (ops/op.py l. 632-709,
+empty without quantizers). It is one opaque
 value per module, so our checkpoints keep it per module, by the decoder's module name, in each rank's trainer file,
 never split or concatenated like a parameter; the sharded parameter state (sharded.py) does not see it.
 
@@ -11,9 +13,11 @@ Between providers: a torch-provider checkpoint has none, so a te model starts fr
 initialises it at the first FP8 forward); a te checkpoint's extra state has no module to go to in a torch model
 and is dropped. HF export holds parameters only (:func:`without_extra_state`).
 
-Loading delayed scaling's state: TE 2.20.2 ``set_extra_state`` unpickles it only with
-NVTE_ALLOW_UNSAFE_PICKLE_EXTRA_STATE=1 set (_extra_state.py; it raises otherwise, naming the variable), as the
-payload is a pickle. A resumed delayed-scaling run needs it set; current and block scaling are stateless.
+Loading delayed scaling's state: TE 2.20.2 ``set_extra_state`` (module/base.py l. 1419-1439, ops/op.py l. 711-721)
+returns at once on an empty tensor, and otherwise unpickles only with NVTE_ALLOW_UNSAFE_PICKLE_EXTRA_STATE=1 set
+(_extra_state.py l. 17, 83-106: a DelayedScaling payload is classed unsafe and it raises otherwise, naming the
+variable), as the payload is a pickle. A resumed delayed-scaling run needs it set; current and block scaling are
+stateless (their extra state is empty).
 """
 
 from __future__ import annotations
