@@ -122,6 +122,15 @@ def cmd_config(argv: list[str]) -> int:
         print(f"# te provider (Transformer Engine {TE_VERSION}), tensor_parallel {tp}: each piece's implementation")
         for line in format_plan(te_plan(cfg.model, tp)).splitlines():
             print("#   " + line)
+        from tplus_dist.precision import bf16_layer_indices, recipe_spec
+
+        spec = recipe_spec(cfg.precision)
+        if spec is not None:  # what the te.Linear GEMMs run in, and which blocks stay out of FP8
+            name, kwargs = spec
+            args = ", ".join(f"{k}={v}" for k, v in kwargs.items())
+            kept = bf16_layer_indices(cfg.precision, cfg.model.n_layers)
+            print(f"# FP8: te.Linear GEMMs under transformer_engine.common.recipe.{name}({args}); blocks kept in bf16: "
+                  f"{kept or 'none'}; norms, attention core, embedding and logits stay bf16")  # fmt: skip
     return 0
 
 
