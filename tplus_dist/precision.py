@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import contextlib
 import re
+from collections.abc import Iterator
 from typing import TYPE_CHECKING, Any
 
 import torch
@@ -150,16 +151,30 @@ def keep_layers_in_bf16(
 ) -> None:
     """Run the first num_layers_at_start_in_bf16 and last num_layers_at_end_in_bf16 decoder blocks (global
     indices, :func:`bf16_blocks`) with FP8 off: each of their forwards runs inside TE's ``autocast(enabled=False)``
-    with the run's recipe (TE 2.20.2 quantization.py: a nested region saves and restores the outer one's state, and
-    ``autocast_exit`` reduces nothing when disabled). Nothing to do without fp8."""
+    with the run's recipe (TE 2.20.2 quantization.py l. 1037-1065: a nested region saves and restores the outer
+    one's state, and ``autocast_exit`` reduces nothing when disabled, l. 772-783), inside the one FP8 region of the
+    micro-batch. (Megatron-core refuses first/last bf16 layers with delayed scaling because it enters and leaves an
+    FP8 region per layer, fp8_utils.py get_fp8_context; one outer region with nested disabled ones keeps delayed
+    scaling's single amax reduction per region.) Nothing to do without fp8."""
     blocks = bf16_blocks(model, cfg, n_layers)
     if not blocks:
         return
     recipe = fp8_recipe(cfg)
     import transformer_engine.pytorch as te
+    from transformer_engine.pytorch.quantization import FP8GlobalStateManager
 
-    def off() -> contextlib.AbstractContextManager[Any]:
-        return te.autocast(enabled=False, recipe=recipe, amax_reduction_group=amax_reduction_group)
+    @contextlib.contextmanager
+    def off() -> Iterator[None]:
+        with te.autocast(enabled=False, recipe=recipe, amax_reduction_group=amax_reduction_group):
+            # The first module of an FP8 region runs delayed scaling's backward amax reduction (once per backward).
+            # TE 2.20.2's fusible ops (te.RMSNorm, te.LayerNorm) claim that role whenever they need a backward, FP8 on
+            # or not (ops/fuser.py l. 233-235, reduction at l. 389-390), while te.Linear claims it only in FP8
+            # (module/linear.py l. 1857-1862). A block kept in bf16 at the start would then reduce a second time
+            # after the FP8 blocks' backward: a second roll of every gradient amax history per step. So no module of
+            # a bf16 block may claim it; leaving the region restores the outer region's flag (quantization.py
+            # l. 1058, set_autocast_state). (A no-op for current and block scaling, which keep no amax history.)
+            FP8GlobalStateManager.quantization_state.is_first_fp8_module = False
+            yield
 
     for _, _, block in blocks:
         hold_during_forward(block, off)

@@ -109,16 +109,28 @@ def test_fp8_checkpoint_resumes_exactly(monkeypatch: pytest.MonkeyPatch) -> None
     assert [step(resumed, opt2, x) for x in batches[3:]] == straight
 
 
-def test_layers_kept_in_bf16_run_without_fp8() -> None:
+@pytest.mark.parametrize("recipe", ["current", "delayed"])
+def test_layers_kept_in_bf16_run_without_fp8(recipe: str, monkeypatch: pytest.MonkeyPatch) -> None:
     """precision.num_layers_at_start/end_in_bf16: inside the run's FP8 region, the kept blocks' TE layers run with
     FP8 off (a nested ``autocast(enabled=False)``, TE 2.20.2 quantization.py l. 1037-1065 saves and restores the outer
     state) and the others with it on. TE records the decision per module at each forward (module/base.py
-    init_fp8_metadata, l. 1532-1536: ``self.fp8 = FP8GlobalStateManager.is_fp8_enabled()``)."""
+    init_fp8_metadata, l. 1532-1536: ``self.fp8 = FP8GlobalStateManager.is_fp8_enabled()``). Delayed scaling reduces
+    the gradients' amaxes once per backward, not again for the kept first block (precision.keep_layers_in_bf16)."""
     _te()
     import transformer_engine.pytorch as te
+    from transformer_engine.pytorch.quantization import FP8GlobalStateManager
+
+    backward_reductions = []
+    reduce = FP8GlobalStateManager.reduce_and_update_fp8_tensors.__func__  # type: ignore[attr-defined]
+
+    def counted(cls: Any, forward: bool = True) -> None:
+        backward_reductions.extend([] if forward else [1])
+        reduce(cls, forward)
+
+    monkeypatch.setattr(FP8GlobalStateManager, "reduce_and_update_fp8_tensors", classmethod(counted))
 
     kept = ["--precision.num_layers_at_start_in_bf16=1", "--precision.num_layers_at_end_in_bf16=1"]
-    cfg = load_config(None, [*SMALL, "--model.n_layers=3", "--precision.fp8=current", *kept])
+    cfg = load_config(None, [*SMALL, "--model.n_layers=3", f"--precision.fp8={recipe}", *kept])
     from tplus_dist.backends.te_provider import TEProvider
 
     model = build_model(cfg.model, TEProvider(device=torch.device("cuda"))).cuda()
@@ -131,3 +143,4 @@ def test_layers_kept_in_bf16_run_without_fp8() -> None:
     for i in range(3):
         linears = [m for m in model.layers[str(i)].modules() if isinstance(m, te.Linear)]
         assert linears and all(m.fp8 == (i == 1) for m in linears), (i, [m.fp8 for m in linears])
+    assert len(backward_reductions) == 1, f"{len(backward_reductions)} backward amax reductions in one backward"
