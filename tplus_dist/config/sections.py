@@ -268,7 +268,8 @@ class TrainConfig:
     compile: bool = False
     """torch.compile each decoder block in place (train/compile.py: one graph shared by the blocks, names unchanged;
     embedding, head and loss eager); on CUDA attention prefers FlashAttention. Worth it on a GPU; on a CPU the first
-    step compiles for tens of seconds."""
+    step compiles for tens of seconds. Whole-block graphs with the torch provider; with the te provider graph breaks
+    at TE's modules are allowed."""
     max_consecutive_skips: int = 8
     """Stop the run (exit 1, this step not saved) when this many optimizer steps in a row were skipped. A step is
     skipped, on every rank, when its loss or gradient norm is not finite, or is a spike (skip_spikes): its batch is

@@ -531,7 +531,9 @@ def build_trainer(cfg: RunConfig, run_dir: Path | None = None, stop: Any = None)
     if cfg.train.compile:
         from tplus_dist.train.compile import apply_compile
 
-        apply_compile(model)  # each block in place: names, checkpoints and the engine see the eager module
+        # each block in place: names, checkpoints and the engine see the eager module. With the te provider graph
+        # breaks are allowed: TE's modules and autocast are not traceable by dynamo as a whole (unverified on a GPU)
+        apply_compile(model, fullgraph=cfg.model.provider != "te")
     optimizer = build_optimizer(model, cfg.optim, cfg.model)
     engine = None
     if layout.world > 1:
