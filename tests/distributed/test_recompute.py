@@ -41,7 +41,11 @@ RECOMPUTE = {
         "--parallel.recompute_modules=[core_attn, mlp_act, layernorm]",
     ],
 }
-MORE = {"tp2": ("full-uniform-2", "selective-all"), "pp2-deepspeed": ("full-uniform-2", "full-block-1")}
+MORE = {
+    "tp2": ("full-uniform-2", "selective-all"),
+    "pp2-deepspeed": ("full-uniform-2", "full-block-1"),
+    "dp2-zero3": ("selective-all",),
+}
 CASES = [(layout, mode) for layout in LAYOUTS for mode in ("none", "full", *MORE.get(layout, ()))]
 # modules whose forward recompute replaced, on rank 0 (tiny: 4 layers; TP and DP ranks hold all 4, a pipeline rank 2:
 # in its DeepSpeed stage, or as 2 interleaved chunks of 1); selective-all: per block the core, the activation and
@@ -55,6 +59,7 @@ MARKED = {
     "pp2-deepspeed/full-block-1": 1,
     "pp2-interleaved/full": 2,
     "dp2-zero3/full": 4,
+    "dp2-zero3/selective-all": 4 * 4,
 }
 
 
