@@ -13,6 +13,7 @@ import argparse
 import copy
 import statistics
 import time
+from functools import partial
 from typing import Any
 
 import torch
@@ -21,6 +22,7 @@ from tplus_dist.config import ModelConfig, load_config
 from tplus_dist.config.sections import ParallelConfig
 from tplus_dist.memory import saved_tensor_bytes
 from tplus_dist.model import build_model
+from tplus_dist.model.decoder import Decoder
 from tplus_dist.train.recompute import apply_recompute
 
 MODES: dict[str, dict[str, Any]] = {
@@ -33,6 +35,10 @@ MODES: dict[str, dict[str, Any]] = {
     "selective layernorm": dict(recompute_granularity="selective", recompute_modules=["layernorm"]),
     "selective all": dict(recompute_granularity="selective", recompute_modules=["core_attn", "mlp_act", "layernorm"]),
 }
+
+
+def forward_loss(m: Decoder, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+    return m.loss(m(x), y)[0]
 
 
 def mode_config(name: str, n_layers: int) -> ParallelConfig:
@@ -76,7 +82,7 @@ def main(argv: list[str] | None = None) -> None:
         m = copy.deepcopy(base)
         apply_recompute(m, mode_config(name, mcfg.n_layers))
         models[name], opts[name] = m, torch.optim.AdamW(m.parameters(), lr=1e-4)
-        saved[name] = saved_tensor_bytes(lambda m=m: m.loss(m(x), y), exclude=list(m.buffers()))
+        saved[name] = saved_tensor_bytes(partial(forward_loss, m, x, y), exclude=list(m.buffers()))
 
     def step(name: str) -> None:
         m, opt = models[name], opts[name]
@@ -88,24 +94,30 @@ def main(argv: list[str] | None = None) -> None:
     for name in names:  # warm-up
         step(name)
     times: dict[str, list[float]] = {n: [] for n in names}
+    cpu: dict[str, list[float]] = {n: [] for n in names}
     for _ in range(args.repeats):
         for name in names:
-            t0 = time.perf_counter()
+            t0, c0 = time.perf_counter(), time.process_time()
             for _ in range(args.steps):
                 step(name)
             times[name].append((time.perf_counter() - t0) / args.steps)
+            cpu[name].append((time.process_time() - c0) / args.steps)
     tokens = args.batch_size * args.seq_len
-    ref = statistics.median(times[names[0]])
+    ref, ref_cpu = statistics.median(times[names[0]]), statistics.median(cpu[names[0]])
     print(
         f"{args.model}: {mcfg.n_layers} layers, d_model {mcfg.d_model}, batch {args.batch_size} x {args.seq_len}, "
         f"dropout {args.dropout}, {torch.get_num_threads()} threads, torch {torch.__version__}"
     )
-    print(f"{'mode':<22} {'tokens/s':>10} {'time vs ' + names[0]:>14} {'saved MiB':>10} {'saved vs ' + names[0]:>15}")
+    # CPU seconds (process time) besides wall time: on a shared machine other processes stretch wall time
+    print(
+        f"{'mode':<22} {'tokens/s':>10} {'wall vs ' + names[0]:>14} {'cpu s/step':>11} {'cpu vs ' + names[0]:>13} "
+        f"{'saved MiB':>10} {'saved vs ' + names[0]:>15}"
+    )
     for name in names:
-        t = statistics.median(times[name])
+        t, c = statistics.median(times[name]), statistics.median(cpu[name])
         print(
-            f"{name:<22} {tokens / t:>10,.0f} {t / ref:>14.3f} {saved[name] / 2**20:>10.2f} "
-            f"{saved[name] / saved[names[0]]:>15.3f}"
+            f"{name:<22} {tokens / t:>10,.0f} {t / ref:>14.3f} {c:>11.3f} {c / ref_cpu:>13.3f} "
+            f"{saved[name] / 2**20:>10.2f} {saved[name] / saved[names[0]]:>15.3f}"
         )
 
 
