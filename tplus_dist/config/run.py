@@ -94,6 +94,13 @@ class RunConfig:
         # The layout against the model; the world size is only known at launch (ParallelDims.validate).
         self.parallel.check_fits(self.model)
         check(
+            self.parallel.recompute_granularity == "none" or self.precision.fp8 == "none",
+            "parallel.recompute_granularity",
+            f"({self.parallel.recompute_granularity}) is not built with precision.fp8 {self.precision.fp8}: the "
+            "recomputed forward would run outside Transformer Engine's FP8 region and its scaling state (TE's own "
+            "checkpoint is needed); set recompute_granularity none or precision.fp8 none",
+        )
+        check(
             not (self.parallel.sequence_parallel and self.train.device == "cpu"),
             "parallel.sequence_parallel",
             "is GPU only (Megatron's sequence-parallel layers need CUDA); set it to false for train.device cpu",

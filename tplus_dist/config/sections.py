@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Literal
 
 from tplus_dist.config.base import check, check_unused
@@ -400,6 +400,11 @@ class PrecisionConfig:
             )  # fmt: skip
 
 
+RECOMPUTE_GRANULARITIES = ("none", "full", "selective")
+RECOMPUTE_MODULES = ("core_attn", "mlp_act", "layernorm")
+"""parallel.recompute_modules' pieces (Megatron-core's names): the one place they are listed."""
+
+
 @dataclass
 class ParallelConfig:
     """Parallel layout: tensor x pipeline parallel, ZeRO stage. Data-parallel size = world size / (TP x PP)."""
@@ -426,6 +431,21 @@ class ParallelConfig:
     naming the rank and the operation, and the job ends: a rank that died or hangs cannot hang the others forever
     (Megatron's --distributed-timeout-minutes; torch's default is 30 for gloo, 10 for NCCL). Raise it when one rank
     legitimately works alone that long (a first compile, preparing a large corpus on rank 0)."""
+    recompute_granularity: Literal["none", "full", "selective"] = "none"
+    """Activation recompute (Megatron-core's names; README "Activation recompute"): none keeps every activation for
+    backward; full keeps only the input of each checkpointed group of layers and recomputes the rest in backward
+    (about one more forward of those layers); selective recomputes only the pieces in recompute_modules."""
+    recompute_method: Literal["uniform", "block"] | None = None
+    """Full recompute only: uniform checkpoints the layers in groups of recompute_num_layers (each group keeps its
+    input only; the default); block checkpoints the first recompute_num_layers layers of each pipeline stage (each
+    virtual chunk) one by one and keeps the rest whole."""
+    recompute_num_layers: int | None = None
+    """Full recompute only: layers per group (uniform; default 1) or layers checkpointed per stage (block; default
+    all of them); at most the layers of one pipeline stage (virtual chunk)."""
+    recompute_modules: list[str] = field(default_factory=lambda: ["core_attn"])
+    """Selective recompute only: the pieces recomputed in backward, from core_attn (softmax(QK^T)V with the scores,
+    masks and attention dropout: the s x s tensors), mlp_act (the activation, times the gate for GLUs) and
+    layernorm (every norm in the blocks)."""
 
     @property
     def model_parallel(self) -> int:
@@ -463,6 +483,64 @@ class ParallelConfig:
             f"ZeRO stage {self.zero_stage} cannot run with pipeline_parallel {pp}: DeepSpeed's pipeline engine "
             "supports ZeRO 0 and 1 only; use zero_stage 1",
         )
+        self._validate_recompute(p)
+
+    def _validate_recompute(self, p: str) -> None:
+        g, method, k, mods = (
+            self.recompute_granularity,
+            self.recompute_method,
+            self.recompute_num_layers,
+            self.recompute_modules,
+        )
+        check(
+            g in RECOMPUTE_GRANULARITIES,
+            p + "recompute_granularity",
+            f"must be one of {', '.join(RECOMPUTE_GRANULARITIES)}, got {g!r}",
+        )
+        check(
+            method is None or method in ("uniform", "block"),
+            p + "recompute_method",
+            f"must be uniform, block or null, got {method!r}",
+        )
+        for name, value in (("recompute_method", method), ("recompute_num_layers", k)):
+            check(
+                value is None or g == "full",
+                p + name,
+                f"({value}) chooses which layers full recompute checkpoints, and recompute_granularity is {g}; "
+                "set recompute_granularity full or leave it null",
+            )
+        check(k is None or k >= 1, p + "recompute_num_layers", f"must be at least 1 (or null), got {k}")
+        check(
+            mods == ["core_attn"] or g == "selective",
+            p + "recompute_modules",
+            f"({mods}) names the pieces selective recompute recomputes, and recompute_granularity is {g} "
+            "(full recomputes whole layers); set recompute_granularity selective or leave it null",
+        )
+        bad = [m for m in mods if m not in RECOMPUTE_MODULES]
+        check(
+            not bad, p + "recompute_modules", f"has {bad[:1]}, not a piece; choose from {', '.join(RECOMPUTE_MODULES)}"
+        )
+        check(
+            len(mods) > 0 or g != "selective",
+            p + "recompute_modules",
+            "is empty; name a piece, or set recompute_granularity none",
+        )
+
+    def recompute_plan(self) -> tuple[str, str | None, int | None, tuple[str, ...]]:
+        """(granularity, method, num_layers, modules) with the defaults filled in: uniform with 1 layer per group for
+        full; [core_attn] for selective; num_layers None for block means every layer of the stage."""
+        g = self.recompute_granularity
+        if g == "full":
+            method = self.recompute_method or "uniform"
+            k = (
+                self.recompute_num_layers
+                if self.recompute_num_layers is not None
+                else (1 if method == "uniform" else None)
+            )
+            return g, method, k, ()
+        if g == "selective":
+            return g, None, None, tuple(self.recompute_modules)
+        return g, None, None, ()
 
     def check_fits(self, model: ModelConfig, prefix: str = "parallel") -> None:
         """The model must split evenly: whole heads and vocabulary rows per TP rank, whole layers per stage."""
@@ -510,6 +588,15 @@ class ParallelConfig:
             f"virtual_pipeline_stages {self.virtual_pipeline_stages or 1} = {chunks} chunks: "
             "every pipeline chunk holds the same number of whole layers",
         )
+        k = self.recompute_num_layers
+        if self.recompute_granularity == "full" and k is not None and chunks and model.n_layers % chunks == 0:
+            per = model.n_layers // chunks
+            check(
+                k <= per,
+                p + "recompute_num_layers",
+                f"({k}) is more than the {per} layers of a pipeline stage (model.n_layers {model.n_layers} over "
+                f"{chunks} pipeline chunks): groups never span stages; set it to at most {per}",
+            )
 
 
 @dataclass

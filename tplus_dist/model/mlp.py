@@ -55,5 +55,11 @@ class MLP(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.w_gate is not None:
-            return self.w_down(self.act(self.w_gate(x)) * self.w_up(x))
-        return self.w_down(self.act(self.w_up(x)))
+            return self.w_down(self.activation(self.w_gate(x), self.w_up(x)))
+        return self.w_down(self.activation(self.w_up(x)))
+
+    def activation(self, h: torch.Tensor, up: torch.Tensor | None = None) -> torch.Tensor:
+        """act(h), times ``up`` for a GLU ([..., ffn_dim] each): the piece selective recompute's mlp_act recomputes
+        (train/recompute.py)."""
+        a = self.act(h)
+        return a * up if up is not None else a

@@ -528,6 +528,10 @@ def build_trainer(cfg: RunConfig, run_dir: Path | None = None, stop: Any = None)
     run_dir, manager, ckpt = start.run_dir, start.manager, start.ckpt
 
     model = build_decoder(cfg, layout, device)
+    if cfg.parallel.recompute_granularity != "none":
+        from tplus_dist.train.recompute import apply_recompute
+
+        apply_recompute(model, cfg.parallel)  # before compile (it traces the checkpoints) and the engine
     if cfg.train.compile:
         from tplus_dist.train.compile import apply_compile
 
