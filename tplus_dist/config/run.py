@@ -90,11 +90,20 @@ class RunConfig:
             getattr(self, name).validate(name)
         # The layout against the model; the world size is only known at launch (ParallelDims.validate).
         self.parallel.check_fits(self.model)
-        check(
-            not (self.parallel.sequence_parallel and self.train.device == "cpu"),
-            "parallel.sequence_parallel",
-            "is GPU only (Megatron's sequence-parallel layers need CUDA); set it to false for train.device cpu",
-        )
+        if self.parallel.sequence_parallel:
+            tp = self.parallel.tensor_parallel
+            check(
+                self.seq_len % tp == 0,
+                "train.seq_len" if self.train.seq_len else "model.seq_len",
+                f"({self.seq_len}) must be divisible by parallel.tensor_parallel ({tp}) under "
+                "parallel.sequence_parallel, which splits every sequence into tensor_parallel equal parts",
+            )
+            check(
+                self.model.provider != "te",
+                "parallel.sequence_parallel",
+                "is built through megatron-core's layers (model.provider torch under tensor parallelism), not "
+                "Transformer Engine's; set model.provider torch or sequence_parallel false",
+            )
         check(
             self.seq_len <= self.model.seq_len,
             "train.seq_len",
