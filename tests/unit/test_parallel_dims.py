@@ -137,11 +137,18 @@ def test_the_run_config_checks_the_layout_against_the_model():
     with pytest.raises(ConfigError) as info:
         load_config(overrides=["--model.n_heads=12", "--model.d_model=96", "--parallel.tensor_parallel=8"])
     assert info.value.field == "parallel.tensor_parallel"
+    # sequence parallelism runs on CPU (gloo) too, but splits every sequence into tensor_parallel equal parts
+    sp = ["--parallel.tensor_parallel=2", "--parallel.sequence_parallel=true", "--train.device=cpu"]
+    assert load_config(overrides=sp).parallel.sequence_parallel
     with pytest.raises(ConfigError) as info:
-        load_config(
-            overrides=["--parallel.tensor_parallel=2", "--parallel.sequence_parallel=true", "--train.device=cpu"]
-        )
-    assert info.value.field == "parallel.sequence_parallel" and "GPU only" in info.value.reason
+        load_config(overrides=[*sp, "--train.seq_len=63"])
+    assert info.value.field == "train.seq_len" and "divisible by parallel.tensor_parallel (2)" in info.value.reason
+    with pytest.raises(ConfigError) as info:
+        load_config(overrides=[*sp, "--model.seq_len=65"])
+    assert info.value.field == "model.seq_len", info.value
+    with pytest.raises(ConfigError) as info:
+        load_config(overrides=[*sp, "--model.provider=te"])
+    assert info.value.field == "parallel.sequence_parallel" and "megatron-core" in info.value.reason
 
 
 def test_a_yaml_with_a_parallel_section_loads(tmp_path: Path):

@@ -414,8 +414,12 @@ class ParallelConfig:
     """DeepSpeed ZeRO: 0 plain data parallel; 1 shards optimizer state (no extra traffic); 2 also gradients;
     3 also parameters."""
     sequence_parallel: bool = False
-    """Shard norm/dropout activations along the sequence over the TP ranks (Megatron SP): less activation
-    memory. GPU only; needs tensor_parallel > 1. Not built yet: a run with it stops at launch."""
+    """Megatron's sequence parallelism (arXiv 2205.05198) through megatron-core's layers: between the tensor-parallel
+    regions (norms, dropouts, residual adds) each TP rank holds 1/tensor_parallel of the sequence, so every
+    activation of the layers is split over the ranks (measured: each rank saves 1/TP of one process's layer
+    activations; plain TP keeps the norms' and residual stream's whole), the all-reduces become all-gather +
+    reduce-scatter (same volume). Needs tensor_parallel > 1, the sequence length divisible by it, and
+    model.provider torch; runs on CPU (gloo) and GPU; checkpoints are the same as without it."""
     deepspeed_config: str | None = None
     """A DeepSpeed JSON file merged over the config generated from this one (bucket sizes, overlap_comm,
     communication data types, ...). Keys this config owns (batch sizes, accumulation, ZeRO stage, clipping,
