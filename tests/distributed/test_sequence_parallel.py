@@ -168,15 +168,20 @@ def test_sequence_parallel_tp2_equals_one_process(tmp_path: Path) -> None:
 
 
 @pytest.mark.extended
-def test_sequence_parallel_every_choice_and_layout(tmp_path: Path) -> None:
-    """The tensor-parallel tests' choices under TP 2 + SP (one spawn of 2), and TP 2 x DP 2 (ZeRO 1 and 3) and
-    TP 2 x PP 2 with SP (one spawn of 4), each equal to one process."""
+def test_sequence_parallel_every_choice(tmp_path: Path) -> None:
+    """The tensor-parallel tests' choices under TP 2 + SP (one spawn of 2), each equal to one process."""
     choices = {**TRAIN_MORE, **CHOICES}
     two = [train_job(tmp_path, f"c{name}", "--train.grad_accum=2", *SP, *extra) for name, extra in choices.items()]
     ranks = spawn(tmp_path, 2, two)
     for (name, extra), got in zip(choices.items(), ranks[0], strict=True):
         print(name)
         compare(single(tmp_path / f"c{name}", "--train.grad_accum=2", *extra), got, extra)
+
+
+@pytest.mark.extended
+def test_sequence_parallel_with_data_and_pipeline_parallel(tmp_path: Path) -> None:
+    """TP 2 x DP 2 (ZeRO 1 and 3) and TP 2 x PP 2 (DeepSpeed's pipeline engine) with SP, in one spawn of 4, each
+    equal to one process (uneven targets, z-loss, validation)."""
     # the global batch stays 8: micro 4 x accumulation x data-parallel replicas
     model = ["--model.z_loss=1e-4", "--train.eval_interval=5", "--train.eval_samples=26", UNEVEN]
     four = [

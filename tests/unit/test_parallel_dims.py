@@ -113,6 +113,13 @@ def test_valid_layouts_pass(world: int, parallel: dict[str, Any]):
         ),
         (2, MODEL, {"zero_stage": 4}, "parallel.zero_stage", "must be 0, 1, 2 or 3"),
         (2, MODEL, {"sequence_parallel": True}, "parallel.sequence_parallel", "needs tensor_parallel > 1"),
+        (
+            8,
+            MODEL,
+            {"sequence_parallel": True, "tensor_parallel": 2, "pipeline_parallel": 2, "virtual_pipeline_stages": 2},
+            "parallel.sequence_parallel",
+            "not built for the interleaved pipeline schedule",
+        ),
         (2, MODEL, {"virtual_pipeline_stages": 2}, "parallel.virtual_pipeline_stages", "needs pipeline_parallel > 1"),
         (2, MODEL, {"tensor_parallel": 0}, "parallel.tensor_parallel", "must be at least 1"),
         (2, MODEL, {"pipeline_parallel": -1}, "parallel.pipeline_parallel", "must be at least 1"),

@@ -419,7 +419,8 @@ class ParallelConfig:
     activation of the layers is split over the ranks (measured: each rank saves 1/TP of one process's layer
     activations; plain TP keeps the norms' and residual stream's whole), the all-reduces become all-gather +
     reduce-scatter (same volume). Needs tensor_parallel > 1, the sequence length divisible by it, and
-    model.provider torch; runs on CPU (gloo) and GPU; checkpoints are the same as without it."""
+    model.provider torch, and not the interleaved schedule (virtual_pipeline_stages > 1); runs on CPU (gloo) and
+    GPU; checkpoints are the same as without it."""
     deepspeed_config: str | None = None
     """A DeepSpeed JSON file merged over the config generated from this one (bucket sizes, overlap_comm,
     communication data types, ...). Keys this config owns (batch sizes, accumulation, ZeRO stage, clipping,
@@ -454,6 +455,12 @@ class ParallelConfig:
                 f"({vpp}) interleaves pipeline stages, so it needs pipeline_parallel > 1 (got {pp}); set it to null",
             )
 
+        check(
+            not (self.sequence_parallel and vpp is not None and vpp > 1),
+            p + "sequence_parallel",
+            f"is not built for the interleaved pipeline schedule (virtual_pipeline_stages {vpp}): use "
+            "virtual_pipeline_stages null (DeepSpeed's pipeline engine) or sequence_parallel false",
+        )
         check(
             not self.sequence_parallel or tp > 1,
             p + "sequence_parallel",
