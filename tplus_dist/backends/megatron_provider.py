@@ -121,6 +121,20 @@ class MegatronProvider(WholeSequence):
         self.sequence_shards = self.tp_size if self.sequence_parallel else 1
         if self.sequence_parallel and device.type == "cpu":
             allow_megatron_sequence_parallel_on_cpu()
+        if self.sequence_parallel:
+            # megatron-core's SP matmul warns (once) from inside the forward that CUDA_DEVICE_MAX_CONNECTIONS should
+            # be 1 (layers.py linear_with_grad_accumulation_and_async_allreduce); torch.compile cannot trace
+            # warnings.warn, so the advice is given here, before any forward, and megatron's own once-flag set
+            import os
+            import warnings
+
+            if device.type == "cuda" and os.environ.get("CUDA_DEVICE_MAX_CONNECTIONS") != "1":
+                warnings.warn(
+                    "sequence parallelism: set CUDA_DEVICE_MAX_CONNECTIONS=1 so megatron-core's all-gathers are "
+                    "scheduled before the gradient matmuls they overlap (its recommendation)",
+                    stacklevel=2,
+                )
+            _layers().linear_with_grad_accumulation_and_async_allreduce.warned = True
         self.config = ModelParallelConfig(
             tensor_model_parallel_size=self.tp_size,
             use_cpu_initialization=device.type == "cpu",
@@ -252,7 +266,7 @@ class MegatronProvider(WholeSequence):
     def sequence_dropout(self, x: torch.Tensor, p: float, training: bool) -> torch.Tensor:
         if not self.sequence_parallel or p == 0 or not training:
             return super().sequence_dropout(x, p, training)
-        return sequence_parallel_dropout(x, p, self.tp_rank)
+        return sequence_parallel_dropout(x, p, self.tp_rank, self.tp_size)
 
     def shared_by_sequence(self, t: torch.Tensor) -> torch.Tensor:
         return SumGradOverTP(self.group)(t) if self.sequence_parallel else t
@@ -345,21 +359,23 @@ class ReplicatedLinear(nn.Linear):
         return tp.copy_to_tensor_model_parallel_region(super().forward(x), group=self.group)
 
 
-def sequence_parallel_dropout(x: torch.Tensor, p: float, tp_rank: int) -> torch.Tensor:
-    """Dropout of probability ``p`` on this rank's part of the sequence, with a mask of its own.
+def sequence_parallel_dropout(x: torch.Tensor, p: float, tp_rank: int, tp_size: int) -> torch.Tensor:
+    """Dropout of probability ``p`` on this rank's part [b, s / tp_size, d] of the sequence, with this rank's part of
+    the mask the whole sequence would get.
 
-    Every tensor-parallel rank's default generator is in the same state (one seed; replicated computations must draw
-    alike), so a plain F.dropout would give each rank the same mask for different tokens. Megatron draws these from
-    its model-parallel RNG tracker (tensor_parallel/random.py get_cuda_rng_tracker().fork(), seeded per rank by
-    model_parallel_cuda_manual_seed; CUDA only). Here a seed is drawn from the default generator (every rank draws
-    the same, so it stays in step and checkpoints and activation recompute replay it) and this rank's mask comes from
-    a generator seeded with it plus the rank: independent parts, reproducible, on CPU and CUDA alike. The mask is kept
-    as bool (one byte an element, as F.dropout's). x [...] -> x * mask / (1 - p)."""
-    seed = int(torch.randint(0, 2**62, (1,)).item())
-    gen = torch.Generator(device=x.device).manual_seed(seed + tp_rank)
-    # empty_like keeps x's strides (the residual stream is stored sequence-first), so the product does too
-    keep = torch.empty_like(x, dtype=torch.float32).uniform_(generator=gen) >= p
-    return x * keep / (1.0 - p)
+    Every tensor-parallel rank's default generator is in the same state (one seed: replicated computations must draw
+    alike), so a plain F.dropout would give each rank the same mask for different tokens. Megatron draws these masks
+    from its model-parallel RNG tracker instead (tensor_parallel/random.py get_cuda_rng_tracker().fork(), seeded per
+    rank by model_parallel_cuda_manual_seed; CUDA only). Here every rank draws the whole sequence's mask from the
+    shared generator, as F.dropout does on the whole x (``bernoulli_(1 - p)`` in [b, s, d] order), and keeps its own
+    part: the ranks' parts are independent, the generator stays in step on every rank (so checkpoints and activation
+    recompute replay it), and the masks are those tensor parallelism without SP draws. The price: tp_size times the
+    random numbers, and a transient whole-sequence mask (the kept one is this rank's part, bool). It needs no .item()
+    or generator object, so it compiles. x [b, s/tp, d] -> x * mask / (1 - p)."""
+    b, part, d = x.shape
+    whole = torch.empty(b, part * tp_size, d, device=x.device, dtype=x.dtype).bernoulli_(1.0 - p)
+    keep = whole[:, tp_rank * part : (tp_rank + 1) * part].bool()
+    return x * keep * (1.0 / (1.0 - p))  # F.dropout's order: (x * mask) * scale
 
 
 def vocab_parallel_lm_loss(
