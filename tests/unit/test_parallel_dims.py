@@ -154,6 +154,9 @@ def test_the_run_config_checks_the_layout_against_the_model():
         load_config(overrides=[*sp, "--model.seq_len=65"])
     assert info.value.field == "model.seq_len", info.value
     with pytest.raises(ConfigError) as info:
+        load_config(overrides=[*sp, "--train.compile=true"])
+    assert info.value.field == "train.compile" and "async_op=True" in info.value.reason
+    with pytest.raises(ConfigError) as info:
         load_config(overrides=[*sp, "--model.provider=te"])
     assert info.value.field == "parallel.sequence_parallel" and "megatron-core" in info.value.reason
 

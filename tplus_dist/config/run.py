@@ -99,6 +99,13 @@ class RunConfig:
                 "parallel.sequence_parallel, which splits every sequence into tensor_parallel equal parts",
             )
             check(
+                not self.train.compile,
+                "train.compile",
+                "cannot trace megatron-core 0.16.1's sequence-parallel matmul (its backward all-gathers with "
+                "async_op=True, which torch.compile refuses); set train.compile false or parallel.sequence_parallel "
+                "false",
+            )
+            check(
                 self.model.provider != "te",
                 "parallel.sequence_parallel",
                 "is built through megatron-core's layers (model.provider torch under tensor parallelism), not "

@@ -419,8 +419,8 @@ class ParallelConfig:
     activation of the layers is split over the ranks (measured: each rank saves 1/TP of one process's layer
     activations; plain TP keeps the norms' and residual stream's whole), the all-reduces become all-gather +
     reduce-scatter (same volume). Needs tensor_parallel > 1, the sequence length divisible by it, and
-    model.provider torch, and not the interleaved schedule (virtual_pipeline_stages > 1); runs on CPU (gloo) and
-    GPU; checkpoints are the same as without it."""
+    model.provider torch, and neither the interleaved schedule (virtual_pipeline_stages > 1) nor train.compile; runs
+    on CPU (gloo) and GPU; checkpoints are the same as without it."""
     deepspeed_config: str | None = None
     """A DeepSpeed JSON file merged over the config generated from this one (bucket sizes, overlap_comm,
     communication data types, ...). Keys this config owns (batch sizes, accumulation, ZeRO stage, clipping,
