@@ -1,6 +1,6 @@
 """Resharding: a run stopped on one layout resumes on another (data-parallel size, ZeRO stage, tensor and pipeline
-parallel size, one process) and continues as the uninterrupted one-process run: the same samples, the losses and
-norms to fp32 reduction-order noise, the same parameters at the end."""
+parallel size, one process, sequence parallelism on or off) and continues as the uninterrupted one-process run: the
+same samples, the losses and norms to fp32 reduction-order noise, the same parameters at the end."""
 
 from __future__ import annotations
 
@@ -20,10 +20,13 @@ from tplus_dist.train.run import train
 # Dropout off: its masks depend on how micro-batches fall on ranks, so no two layouts could agree with it on.
 COMMON = [*BASE, "--model.resid_dropout=0.0"]
 
+TP2_DP2 = ["--parallel.tensor_parallel=2", "--parallel.zero_stage=1", "--train.grad_accum=1"]
+
 # name -> (processes, overrides); the global batch stays 8 (micro 4 x accumulation x data-parallel ranks)
 LAYOUTS: dict[str, tuple[int, list[str]]] = {
     "one": (1, ["--train.grad_accum=2"]),
-    "tp2-dp2-zero1": (4, ["--parallel.tensor_parallel=2", "--parallel.zero_stage=1", "--train.grad_accum=1"]),
+    "tp2-dp2-zero1": (4, TP2_DP2),
+    "tp2-dp2-zero1-sp": (4, [*TP2_DP2, "--parallel.sequence_parallel=true"]),
     "dp2-zero3": (2, ["--parallel.zero_stage=3", "--train.grad_accum=1"]),
     "dp2-zero0": (2, ["--parallel.zero_stage=0", "--train.grad_accum=1"]),
     "pp2-dp2": (4, ["--parallel.pipeline_parallel=2", "--train.grad_accum=1"]),
@@ -33,7 +36,8 @@ LAYOUTS: dict[str, tuple[int, list[str]]] = {
 
 # (saved on, resumed on, layers): every kind of change, each layout both saving and loading somewhere
 CASES = [
-    ("tp2-dp2-zero1", "one", 2),  # TP 2 -> 1, DP 2 -> 1, 4 processes -> 1 (the issue's example)
+    # TP 2 -> 1, DP 2 -> 1, 4 processes -> 1 (the issue's example), sequence parallel -> without it
+    ("tp2-dp2-zero1-sp", "one", 2),
     ("tp2-dp2-zero1", "dp2-zero3", 2),  # TP 2 -> 1, ZeRO 1 -> 3
     ("one", "pp2-dp2", 2),  # 1 process -> PP 2 x DP 2
     ("dp2-zero3", "tp2-pp2", 2),  # ZeRO 3 partitions -> TP x PP slices

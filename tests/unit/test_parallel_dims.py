@@ -113,6 +113,13 @@ def test_valid_layouts_pass(world: int, parallel: dict[str, Any]):
         ),
         (2, MODEL, {"zero_stage": 4}, "parallel.zero_stage", "must be 0, 1, 2 or 3"),
         (2, MODEL, {"sequence_parallel": True}, "parallel.sequence_parallel", "needs tensor_parallel > 1"),
+        (
+            8,
+            MODEL,
+            {"sequence_parallel": True, "tensor_parallel": 2, "pipeline_parallel": 2, "virtual_pipeline_stages": 2},
+            "parallel.sequence_parallel",
+            "not built for the interleaved pipeline schedule",
+        ),
         (2, MODEL, {"virtual_pipeline_stages": 2}, "parallel.virtual_pipeline_stages", "needs pipeline_parallel > 1"),
         (2, MODEL, {"tensor_parallel": 0}, "parallel.tensor_parallel", "must be at least 1"),
         (2, MODEL, {"pipeline_parallel": -1}, "parallel.pipeline_parallel", "must be at least 1"),
@@ -137,11 +144,21 @@ def test_the_run_config_checks_the_layout_against_the_model():
     with pytest.raises(ConfigError) as info:
         load_config(overrides=["--model.n_heads=12", "--model.d_model=96", "--parallel.tensor_parallel=8"])
     assert info.value.field == "parallel.tensor_parallel"
+    # sequence parallelism runs on CPU (gloo) too, but splits every sequence into tensor_parallel equal parts
+    sp = ["--parallel.tensor_parallel=2", "--parallel.sequence_parallel=true", "--train.device=cpu"]
+    assert load_config(overrides=sp).parallel.sequence_parallel
     with pytest.raises(ConfigError) as info:
-        load_config(
-            overrides=["--parallel.tensor_parallel=2", "--parallel.sequence_parallel=true", "--train.device=cpu"]
-        )
-    assert info.value.field == "parallel.sequence_parallel" and "GPU only" in info.value.reason
+        load_config(overrides=[*sp, "--train.seq_len=63"])
+    assert info.value.field == "train.seq_len" and "divisible by parallel.tensor_parallel (2)" in info.value.reason
+    with pytest.raises(ConfigError) as info:
+        load_config(overrides=[*sp, "--model.seq_len=65"])
+    assert info.value.field == "model.seq_len", info.value
+    with pytest.raises(ConfigError) as info:
+        load_config(overrides=[*sp, "--train.compile=true"])
+    assert info.value.field == "train.compile" and "async_op=True" in info.value.reason
+    with pytest.raises(ConfigError) as info:
+        load_config(overrides=[*sp, "--model.provider=te"])
+    assert info.value.field == "parallel.sequence_parallel" and "megatron-core" in info.value.reason
 
 
 def test_a_yaml_with_a_parallel_section_loads(tmp_path: Path):

@@ -13,6 +13,7 @@ from __future__ import annotations
 from typing import TYPE_CHECKING, Literal, Protocol
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 if TYPE_CHECKING:
@@ -79,3 +80,36 @@ class LayerProvider(Protocol):
     ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
         """Mean next-token loss (and its parts) over the targets that are not ``ignore_index``."""
         ...
+
+    # -- sequence parallelism (parallel.sequence_parallel): the decoder's residual stream, norms and dropouts hold
+    # 1/sequence_shards of the sequence; without it these are identities (WholeSequence)
+    sequence_shards: int
+    """How many parts the residual stream's sequence is split into on this rank's tensor-parallel group (1: whole)."""
+
+    def scatter_sequence(self, x: torch.Tensor) -> torch.Tensor:
+        """[b, s, d] (the same on every tensor-parallel rank) -> this rank's [b, s / sequence_shards, d]."""
+        ...
+
+    def sequence_dropout(self, x: torch.Tensor, p: float, training: bool) -> torch.Tensor:
+        """Dropout on the residual stream (each rank's own sequence part draws its own mask)."""
+        ...
+
+    def shared_by_sequence(self, t: torch.Tensor) -> torch.Tensor:
+        """``t`` computed whole on every rank and used on this rank's sequence part (adaLN's modulation): identity
+        forward; under sequence parallelism its gradient is summed over the ranks."""
+        ...
+
+
+class WholeSequence:
+    """The sequence-parallel methods of a provider without sequence parallelism: the whole sequence on every rank."""
+
+    sequence_shards = 1
+
+    def scatter_sequence(self, x: torch.Tensor) -> torch.Tensor:
+        return x
+
+    def sequence_dropout(self, x: torch.Tensor, p: float, training: bool) -> torch.Tensor:
+        return F.dropout(x, p, training) if p > 0 else x
+
+    def shared_by_sequence(self, t: torch.Tensor) -> torch.Tensor:
+        return t

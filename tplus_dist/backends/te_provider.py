@@ -28,7 +28,7 @@ from typing import TYPE_CHECKING, Any
 import torch
 from torch import nn
 
-from tplus_dist.backends.base import LinearRole
+from tplus_dist.backends.base import LinearRole, WholeSequence
 from tplus_dist.model.init import SHARD_ATTR, Shard
 from tplus_dist.model.positions import alibi_slopes
 
@@ -230,7 +230,7 @@ def _shard(p: torch.Tensor | None, dim: int, rank: int, parts: int) -> None:
 
 
 # ------------------------------------------------------------------------------------------------------ provider
-class TEProvider:
+class TEProvider(WholeSequence):
     """LayerProvider of Transformer Engine's modules (see the module docstring).
 
     ``tp_group``: the tensor-parallel process group (None: one process). ``device``: where parameters are allocated

@@ -8,7 +8,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from tplus_dist.backends.base import LinearRole
+from tplus_dist.backends.base import LinearRole, WholeSequence
 from tplus_dist.model.attention import AttentionCore
 from tplus_dist.model.loss import lm_loss
 from tplus_dist.model.norms import build_norm
@@ -17,7 +17,7 @@ if TYPE_CHECKING:
     from tplus_dist.config.model import ModelConfig, NormKind
 
 
-class TorchProvider:
+class TorchProvider(WholeSequence):
     name = "torch"
     tp_size = 1
     tp_rank = 0

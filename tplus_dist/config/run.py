@@ -100,11 +100,27 @@ class RunConfig:
             "recomputed forward would run outside Transformer Engine's FP8 region and its scaling state (TE's own "
             "checkpoint is needed); set recompute_granularity none or precision.fp8 none",
         )
-        check(
-            not (self.parallel.sequence_parallel and self.train.device == "cpu"),
-            "parallel.sequence_parallel",
-            "is GPU only (Megatron's sequence-parallel layers need CUDA); set it to false for train.device cpu",
-        )
+        if self.parallel.sequence_parallel:
+            tp = self.parallel.tensor_parallel
+            check(
+                self.seq_len % tp == 0,
+                "train.seq_len" if self.train.seq_len else "model.seq_len",
+                f"({self.seq_len}) must be divisible by parallel.tensor_parallel ({tp}) under "
+                "parallel.sequence_parallel, which splits every sequence into tensor_parallel equal parts",
+            )
+            check(
+                not self.train.compile,
+                "train.compile",
+                "cannot trace megatron-core 0.16.1's sequence-parallel matmul (its backward all-gathers with "
+                "async_op=True, which torch.compile refuses); set train.compile false or parallel.sequence_parallel "
+                "false",
+            )
+            check(
+                self.model.provider != "te",
+                "parallel.sequence_parallel",
+                "is built through megatron-core's layers (model.provider torch under tensor parallelism), not "
+                "Transformer Engine's; set model.provider torch or sequence_parallel false",
+            )
         check(
             self.seq_len <= self.model.seq_len,
             "train.seq_len",

@@ -420,8 +420,13 @@ class ParallelConfig:
     """DeepSpeed ZeRO: 0 plain data parallel; 1 shards optimizer state (no extra traffic); 2 also gradients;
     3 also parameters."""
     sequence_parallel: bool = False
-    """Shard norm/dropout activations along the sequence over the TP ranks (Megatron SP): less activation
-    memory. GPU only; needs tensor_parallel > 1. Not built yet: a run with it stops at launch."""
+    """Megatron's sequence parallelism (arXiv 2205.05198) through megatron-core's layers: between the tensor-parallel
+    regions (norms, dropouts, residual adds) each TP rank holds 1/tensor_parallel of the sequence, so every
+    activation of the layers is split over the ranks (measured: each rank saves 1/TP of one process's layer
+    activations; plain TP keeps the norms' and residual stream's whole), the all-reduces become all-gather +
+    reduce-scatter (same volume). Needs tensor_parallel > 1, the sequence length divisible by it, and
+    model.provider torch, and neither the interleaved schedule (virtual_pipeline_stages > 1) nor train.compile; runs
+    on CPU (gloo) and GPU; checkpoints are the same as without it."""
     deepspeed_config: str | None = None
     """A DeepSpeed JSON file merged over the config generated from this one (bucket sizes, overlap_comm,
     communication data types, ...). Keys this config owns (batch sizes, accumulation, ZeRO stage, clipping,
@@ -471,6 +476,12 @@ class ParallelConfig:
                 f"({vpp}) interleaves pipeline stages, so it needs pipeline_parallel > 1 (got {pp}); set it to null",
             )
 
+        check(
+            not (self.sequence_parallel and vpp is not None and vpp > 1),
+            p + "sequence_parallel",
+            f"is not built for the interleaved pipeline schedule (virtual_pipeline_stages {vpp}): use "
+            "virtual_pipeline_stages null (DeepSpeed's pipeline engine) or sequence_parallel false",
+        )
         check(
             not self.sequence_parallel or tp > 1,
             p + "sequence_parallel",

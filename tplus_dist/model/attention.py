@@ -184,8 +184,8 @@ class Attention(nn.Module):
 
     def forward(self, x: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
         """``bias``: the shared relative bias [h, s, s], if the model has one."""
-        b, s, _ = x.shape
         q, k, v = self.wq(x), self.wk(x), self.wv(x)
+        b, s = q.shape[:2]  # the whole sequence: under sequence parallelism x holds this rank's part of it
         if self.whole_projection_norm and self.q_norm is not None and self.k_norm is not None:
             q, k = self.q_norm(q), self.k_norm(k)
         q, k, v = (t.view(b, s, -1, self.head_dim) for t in (q, k, v))

@@ -46,6 +46,7 @@ class Block(nn.Module):
             if self.parallel:  # the MLP reads norm1's output, so norm2 is its post-norm
                 self.norm2 = None
         self.dropout = cfg.resid_dropout
+        self.provider = provider  # (its sequence-parallel pieces: the residual stream's dropout and adaLN's gradient)
         # adaLN: shift and scale per pre-norm (one norm for a parallel block), plus a gate per branch (adaln_zero)
         self.gated = cfg.adaln == "adaln_zero"
         n_mod = 0
@@ -57,7 +58,11 @@ class Block(nn.Module):
     def _modulated(self, x: torch.Tensor, cond: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
         """Pre-norm blocks under adaLN: norm(x) * (1 + scale) + shift, (1 + gate) * branch."""
         assert self.ada is not None and self.norm1 is not None  # adaLN: pre-norm only (ModelConfig.validate)
-        m = self.ada(F.silu(cond)).unsqueeze(1).chunk(self.ada.out_features // x.shape[-1], dim=-1)
+        m = (
+            self.provider.shared_by_sequence(self.ada(F.silu(cond)))
+            .unsqueeze(1)
+            .chunk(self.ada.out_features // x.shape[-1], dim=-1)
+        )
         if self.parallel:
             shift, scale, *gates = m
             h = self.norm1(x) * (1 + scale) + shift
@@ -73,7 +78,7 @@ class Block(nn.Module):
         return x + (f * (1 + gates[1]) if gates else f)
 
     def _drop(self, x: torch.Tensor) -> torch.Tensor:
-        return F.dropout(x, self.dropout, self.training) if self.dropout > 0 else x
+        return self.provider.sequence_dropout(x, self.dropout, self.training)
 
     def forward(
         self, x: torch.Tensor, bias: torch.Tensor | None = None, cond: torch.Tensor | None = None

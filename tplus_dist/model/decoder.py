@@ -8,7 +8,6 @@ from collections.abc import Iterator, Sequence
 from typing import Literal
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from tplus_dist.backends import LayerProvider, get_provider
@@ -113,11 +112,12 @@ class Decoder(nn.Module):
             x = x + self.pos_embed(torch.arange(s, device=tokens.device))
         elif cfg.position == "sinusoidal":
             x = x + self.pos_table[:s].to(x.dtype)
+        # under sequence parallelism the residual stream is this rank's part of the sequence from here on (Megatron
+        # scatters after the position embeddings too: LanguageModelEmbedding.forward), and its dropout draws per part
+        x = self.provider.scatter_sequence(x)
         if self.embed_norm is not None:
             x = self.embed_norm(x)
-        if cfg.embed_dropout > 0:
-            x = F.dropout(x, cfg.embed_dropout, self.training)
-        return x
+        return self.provider.sequence_dropout(x, cfg.embed_dropout, self.training)
 
     def output_logits(self, x: torch.Tensor) -> torch.Tensor:
         """Final norm, then the output projection (the head, or the tied embedding)."""
@@ -145,15 +145,19 @@ class Decoder(nn.Module):
         if not torch.compiler.is_compiling():  # (a compiled graph leaves the failpoint out)
             inject("forward")  # a failpoint (tplus_dist/faults.py): nothing unless TPLUS_FAULT names it
         cond = self.condition(labels) if labels is not None else None
+        # the whole sequence's length (a part after the embedding may hold 1/sequence_shards of it)
+        s = x.shape[1] if self.has_embed else x.shape[1] * self.provider.sequence_shards
         if self.has_embed:
             if x.shape[1] > self.cfg.seq_len:
                 raise ValueError(f"sequence of {x.shape[1]} tokens is longer than model.seq_len={self.cfg.seq_len}")
             x = self.embed_tokens(x)
-        bias = self.rel_bias(x.shape[1], x.device, x.dtype) if self.rel_bias is not None else None
+        bias = self.rel_bias(s, x.device, x.dtype) if self.rel_bias is not None else None
         for layer in self.layers.values():
             x = layer(x, bias, cond) if bias is not None or cond is not None else layer(x)
         if not self.has_head:
-            return x
+            # a pipeline sends it to the next stage as it is laid out (torch.distributed.send needs it contiguous;
+            # a sequence-parallel residual stream is a transposed view, see backends/megatron_provider.py)
+            return x.contiguous()
         if self.head is None and self.embed is None:
             return self.final_norm(x) if self.final_norm is not None else x
         return self.output_logits(x)

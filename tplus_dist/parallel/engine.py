@@ -144,6 +144,12 @@ def deepspeed_config(
         "steps_per_print": _NEVER,
         "wall_clock_breakdown": False,
     }
+    if cfg.parallel.sequence_parallel and cfg.parallel.pipeline_parallel > 1:
+        # DeepSpeed's pipeline engine sends 1/TP of each activation (and gradient) per tensor-parallel rank and
+        # all-gathers it on the next stage (runtime/pipe/engine.py is_pipe_partitioned / is_grad_partitioned, on by
+        # default with model parallelism), which assumes every TP rank holds the same tensor. Under sequence
+        # parallelism each holds its own part of the sequence (already 1/TP): each sends its own, whole.
+        ds["pipeline"] = {"pipe_partitioned": False, "grad_partitioned": False}
     if bf16 and cfg.parallel.zero_stage >= 1:
         # bf16 under ZeRO keeps fp32 master weights, as DeepSpeed 0.19.8 does by default (runtime/precision_config.py
         # DeepSpeedBF16Config.bf16_master_weights_and_grads False: ZeRO 1/2's single_partition_of_fp32_groups,

@@ -259,11 +259,6 @@ def setup_layout(cfg: RunConfig, device: torch.device) -> Layout:
         os.environ["LOCAL_WORLD_SIZE"] = os.environ["LOCAL_SIZE"]
     env = launch_env()
     dims = ParallelDims.from_config(cfg.parallel, world, cfg.model).validate()
-    if dims.sequence_parallel:
-        raise ConfigError(
-            "parallel.sequence_parallel",
-            "is not built yet: the decoder runs tensor parallel with whole sequences on every rank; set it to false",
-        )
     if cfg.optim.name in ("adafactor", "soap", "scaled_adam"):
         from tplus_dist.parallel.engine import use_bf16
 
@@ -330,7 +325,9 @@ def _build_decoder(cfg: RunConfig, layout: Layout, device: torch.device) -> torc
     elif tp_group is not None:
         from tplus_dist.backends.megatron_provider import MegatronProvider
 
-        provider = MegatronProvider(tp_group, device=device, params_dtype=torch.float32)
+        provider = MegatronProvider(
+            tp_group, device=device, params_dtype=torch.float32, sequence_parallel=cfg.parallel.sequence_parallel
+        )
     if groups is None or groups.dims.pp == 1:
         return build_model(cfg.model, provider).to(device)
     provider = provider if provider is not None else get_provider("torch")
