@@ -59,6 +59,12 @@ ADALN = ["--model.adaln=adaln_zero", "--model.n_conditions=3", "--model.n_kv_hea
 
 Job = tuple[str, list[str]]
 
+FULL = ["--parallel.recompute_granularity=full", "--parallel.recompute_method=uniform"]
+SELECTIVE = [
+    "--parallel.recompute_granularity=selective",
+    "--parallel.recompute_modules=[core_attn, mlp_act, layernorm]",
+]
+
 
 def conditioned_grads(overrides: list[str]) -> dict[str, Any]:
     """Loss and the adaLN / label-embedding / norm gradients of one forward and backward (fixed tokens, labels and
@@ -183,18 +189,23 @@ def test_sequence_parallel_every_choice(tmp_path: Path) -> None:
 
 @pytest.mark.extended
 def test_sequence_parallel_with_data_and_pipeline_parallel(tmp_path: Path) -> None:
-    """TP 2 x DP 2 (ZeRO 1 and 3) and TP 2 x PP 2 (DeepSpeed's pipeline engine) with SP, in one spawn of 4, each
-    equal to one process (uneven targets, z-loss, validation)."""
+    """TP 2 x DP 2 (ZeRO 1 and 3) and TP 2 x PP 2 (DeepSpeed's pipeline engine) with SP, and two of them with
+    activation recompute (full, selective), in one spawn of 4, each equal to one process (uneven targets, z-loss,
+    validation)."""
     # the global batch stays 8: micro 4 x accumulation x data-parallel replicas
     model = ["--model.z_loss=1e-4", "--train.eval_interval=5", "--train.eval_samples=26", UNEVEN]
     four = [
         train_job(tmp_path, "z1", "--train.grad_accum=1", "--parallel.zero_stage=1", *SP, *model),
         train_job(tmp_path, "z3", "--train.grad_accum=1", "--parallel.zero_stage=3", *SP, *model),
         train_job(tmp_path, "pp", "--train.grad_accum=2", "--parallel.pipeline_parallel=2", *SP, *model),
+        # with activation recompute: the recomputed forward re-runs SP's collectives on every rank in step
+        train_job(tmp_path, "pprc", "--train.grad_accum=2", "--parallel.pipeline_parallel=2", *SP, *model, *FULL),
+        train_job(tmp_path, "z1rc", "--train.grad_accum=1", "--parallel.zero_stage=1", *SP, *model, *SELECTIVE),
     ]
     ranks = spawn(tmp_path, 4, four)
     want = single(tmp_path / "one", "--train.grad_accum=2", *model)
-    for name, got in zip(("tp2-dp2-zero1", "tp2-dp2-zero3", "tp2-pp2"), ranks[0], strict=True):
+    names = ("tp2-dp2-zero1", "tp2-dp2-zero3", "tp2-pp2", "tp2-pp2-recompute-full", "tp2-dp2-recompute-selective")
+    for name, got in zip(names, ranks[0], strict=True):
         print(name)
         compare(want, got, model)
 
