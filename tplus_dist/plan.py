@@ -739,7 +739,7 @@ def buffer_bytes(cfg: RunConfig, layout: Layout, stage: int, device: str = "cuda
     (default 5e8; stage_1_and_2.py ipg buffer, contiguous_gradients), in the gradient dtype, at most the rank's
     parameters; ZeRO 3 also prefetches up to stage3_prefetch_bucket_size elements (5e7) of gathered weights. An
     estimate of the largest such buffer alive (not exact: DeepSpeed allocates some lazily)."""
-    if layout.world == 1 or layout.dp == 1 and layout.zero_stage == 0:
+    if layout.world == 1 or (layout.dp == 1 and layout.zero_stage == 0):
         return 0, "none"
     from tplus_dist.parallel.engine import deepspeed_config, load_deepspeed_overrides
 

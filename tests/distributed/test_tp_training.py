@@ -84,6 +84,7 @@ def run_and_gather(overrides: list[str]) -> Result:
         if trainer.val_data is not None:
             trainer.val_data = UnevenTargets(trainer.val_data, ignore)
     history = trainer.fit()
+    check_plan_states(trainer)
     groups = getattr(trainer, "layout", None)
     groups = groups.groups if groups is not None else None
     state = full_state_dict(
@@ -92,6 +93,47 @@ def run_and_gather(overrides: list[str]) -> Result:
         pp_group=groups.pp if groups is not None else None,
     )
     return [metric_row(m) for m in history], state
+
+
+def allocated_state_bytes(trainer: Any) -> dict[str, int]:
+    """What this rank really holds after its steps, each storage counted once at its full size: the model's weights
+    (DeepSpeed's flat buffers, padding included, when it flattened them), the fp32 master partition DeepSpeed keeps
+    (ZeRO 1/2 single_partition_of_fp32_groups, its bf16 optimizer's fp32_groups_flat_partition), and the torch
+    optimizer's state tensors (the client optimizer DeepSpeed steps). Read from the objects, not from tplus plan."""
+    engine = trainer.model
+    module = getattr(engine, "module", engine)
+    storages: dict[int, int] = {}
+    for p in module.parameters():
+        st = p.untyped_storage()
+        storages[st.data_ptr()] = st.nbytes()
+    opt = trainer.optimizer
+    master = 0
+    for name in ("single_partition_of_fp32_groups", "fp32_groups_flat_partition"):
+        for t in getattr(opt, name, None) or []:
+            master += t.untyped_storage().nbytes()
+    inner = getattr(opt, "optimizer", opt)
+    inner = getattr(inner, "optimizer", inner) if not isinstance(inner, torch.optim.Optimizer) else inner
+    states = sum(v.numel() * v.element_size() for st in inner.state.values() for v in st.values() if torch.is_tensor(v))
+    return {"params": sum(storages.values()), "master": master, "optimizer": states}
+
+
+def check_plan_states(trainer: Any) -> None:
+    """tplus plan's weights, master weights and optimizer states for this rank equal what the rank allocated
+    (exact bytes; ZeRO 3 is left out: its partitions are not flat groups, see tplus_dist/plan.py state_bytes)."""
+    from tplus_dist.plan import Layout, state_bytes
+
+    layout_info = getattr(trainer, "layout", None)
+    groups = layout_info.groups if layout_info is not None else None
+    world = layout_info.world if layout_info is not None else 1
+    cfg = trainer.cfg
+    if cfg.parallel.zero_stage == 3 and world > 1:
+        return
+    layout = Layout.from_config(cfg, world)
+    stage = groups.pp_rank if groups is not None else 0
+    predicted = state_bytes(cfg, layout, stage, device=trainer.device.type)
+    real = allocated_state_bytes(trainer)
+    got = {"params": predicted.params, "master": predicted.master, "optimizer": predicted.optimizer}
+    assert got == real, (layout.describe(), stage, got, real)
 
 
 def metric_row(m: dict[str, Any]) -> list[float]:
