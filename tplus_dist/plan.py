@@ -140,6 +140,8 @@ class Layout:
             rc = "selective " + "+".join(self.recompute_modules)
         vpp = f" vpp {self.vpp}" if self.vpp > 1 else ""
         sp = " sp" if self.sequence_parallel else ""
+        if self.world == 1:
+            return f"one process, micro-batch {self.micro_batch_size} x {self.grad_accum}, recompute {rc}"
         return (
             f"tp {self.tp}{sp} x pp {self.pp}{vpp} x dp {self.dp}, ZeRO {self.zero_stage}, micro-batch "
             f"{self.micro_batch_size} x {self.grad_accum}, recompute {rc}"
@@ -231,7 +233,7 @@ def stage_parts(cfg: ModelConfig, layout: Layout, stage: int) -> list[nn.Module]
                 for s in (c * pp + stage for c in range(layout.vpp))
             ]  # fmt: skip
         per = L // pp
-        parts = []
+        parts: list[nn.Module] = []
         if stage == 0:
             parts.append(Decoder(cfg, provider, layers=(), embed=True, head=False, init_seed=0))
         parts.append(Decoder(cfg, provider, layers=range(stage * per, (stage + 1) * per), embed=False, head=False,
@@ -914,6 +916,39 @@ def make_plan(
         stages.append(StageMemory(i, state_bytes(cfg, layout, i, device), act, buf, transient))
     seconds = step_time(cfg, layout, step, gpus_per_node, device) if step is not None else None
     return Plan(cfg, layout, stages, gpu_memory, margin, seconds)
+
+
+def train_start_line(cfg: RunConfig, world: int, device: Any) -> str:
+    """`tplus train`'s one line at the start: the plan for this run's layout on this device. On CUDA the verdict is
+    against the device's memory (a layout predicted not to fit is warned about, not refused: the prediction is an
+    estimate, within 10% where tested, and a run may still fit); on CPU the predicted bytes only (no memory limit to
+    check against)."""
+    import torch
+
+    layout = Layout.from_config(cfg, world)
+    if device.type == "cuda":
+        total = torch.cuda.get_device_properties(device).total_memory
+        plan = make_plan(cfg, layout, total, margin=0.0, device="cuda")
+        line = "tplus: " + plan.one_line()
+        if not plan.fits:
+            line += "; warning: this run may run out of GPU memory (tplus plan CONFIG --search lists layouts that fit)"
+        return line
+    plan = make_plan(cfg, layout, 1, margin=0.0, device="cpu")
+    p = plan.peak
+    return (
+        f"tplus: plan: {layout.describe()}: predicted peak {gib(p.total)} per process on pipeline stage {p.stage} "
+        f"(weights+grads+optimizer {gib(p.states.total)}, saved activations {gib(p.activations.peak)})"
+    )
+
+
+def train_end_line(device: Any) -> str:
+    """`tplus train`'s line at the end: the measured peak (torch.cuda.max_memory_allocated on CUDA; on CPU there is
+    no allocator statistic, so it says so)."""
+    import torch
+
+    if device.type == "cuda":
+        return f"tplus: measured peak GPU memory {gib(torch.cuda.max_memory_allocated(device))} (max_memory_allocated)"
+    return "tplus: measured peak memory: not measured on CPU (torch keeps no allocator statistics there)"
 
 
 # ----------------------------------------------------------------------------------------------- validation + search
