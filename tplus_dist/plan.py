@@ -419,6 +419,8 @@ class Saved:
     itemsize: int
     module: str | None = None
     sp: bool = False
+    only_with: str | None = None
+    """Saved only when this selective module is recomputed (the checkpoint keeps its input)."""
 
     def nbytes(self, layout: Layout) -> int:
         n = self.elements * self.itemsize
@@ -446,7 +448,13 @@ def _norm_saves(tag: str, rows: int, dim: int, kind: str, dt: Dtypes) -> list[Sa
     stream is bf16; the stream itself in fp32), and per kind rmsnorm: rstd [rows] fp32, plus on CPU the normalized
     x before the gain (torch's composite rms_norm); layernorm: mean and rstd [rows] fp32 (native_layer_norm);
     biasnorm: x - b, its square's mean, rsqrt, exp(s) product (4 row-or-full tensors)."""
-    out = [Saved(f"{tag} input (fp32)", rows * dim, 4, "layernorm", sp=True)]
+    if dt.resid == 4:  # the fp32 stream itself: saved whether or not the norm is recomputed (a checkpoint's input)
+        out = [Saved(f"{tag} input (fp32)", rows * dim, 4, None, sp=True)]
+    else:  # the upcast copy; recomputing the norm keeps its bf16 input instead
+        out = [
+            Saved(f"{tag} input upcast to fp32", rows * dim, 4, "layernorm", sp=True),
+            Saved(f"{tag} bf16 input (kept by the recompute)", rows * dim, dt.resid, sp=True, only_with="layernorm"),
+        ]
     if kind == "rmsnorm":
         out.append(Saved(f"{tag} rstd", rows, 4, "layernorm", sp=True))
         if not dt.cuda:
@@ -631,7 +639,11 @@ def layer_activation_bytes(cfg: RunConfig, layout: Layout, dt: Dtypes, layer: in
     """One block's saved bytes for one micro-batch under ``layout``'s selective modules (none and full: all of
     them; full recompute is accounted per group in :func:`stage_activation_bytes`)."""
     drop = set(layout.recompute_modules) if layout.recompute == "selective" else set()
-    return sum(t.nbytes(layout) for t in layer_saved_tensors(cfg, layout, dt, layer) if t.module not in drop)
+    return sum(
+        t.nbytes(layout)
+        for t in layer_saved_tensors(cfg, layout, dt, layer)
+        if t.module not in drop and (t.only_with is None or t.only_with in drop)
+    )
 
 
 def stage_layers(cfg: RunConfig, layout: Layout, stage: int) -> list[list[int]]:
@@ -700,9 +712,9 @@ def stage_activation_bytes(cfg: RunConfig, layout: Layout, stage: int, device: s
     ids = [v * layout.pp + stage for v in range(layout.vpp)]
     extra = 0
     if first in ids:
-        extra += sum(t.nbytes(layout) for t in embed_saved_tensors(cfg, layout, dt))
+        extra += sum(t.nbytes(layout) for t in embed_saved_tensors(cfg, layout, dt) if t.only_with is None)
     if last in ids:
-        extra += sum(t.nbytes(layout) for t in head_saved_tensors(cfg, layout, dt))
+        extra += sum(t.nbytes(layout) for t in head_saved_tensors(cfg, layout, dt) if t.only_with is None)
     if dt.act < dt.resid:
         # autocast over fp32 weights: each matmul saves the bf16 copy of its weight (autocast's cast cache, one per
         # forward_context, i.e. per micro-batch); lookups (embeddings used as such) are not cast
@@ -774,10 +786,19 @@ class StageMemory:
     buffers: int
     transient: int
     """The loss's backward on the last stage: the logits' gradient [b*s, V/tp] fp32."""
+    lazy_grads: bool = False
+    """Gradients allocated by the backward and freed before the next step's (one process or plain DeepSpeed ZeRO 0,
+    one micro-batch per step: LocalStepRunner's zero_grad(set_to_none=True)): they grow while the saved activations
+    shrink, so the peak holds the larger of the two, not their sum. Otherwise (DeepSpeed's flat gradient buffers, or
+    gradients accumulated over several micro-batches) both are held at once."""
 
     @property
     def total(self) -> int:
-        return self.states.total + self.activations.peak + self.buffers + self.transient
+        s = self.states
+        held = s.params + s.master + s.optimizer + self.buffers
+        if self.lazy_grads:
+            return held + max(self.activations.peak + self.transient, s.grads)
+        return held + s.grads + self.activations.peak + self.transient
 
 
 @dataclass(frozen=True)
@@ -913,7 +934,8 @@ def make_plan(
         if i == layout.pp - 1:
             vocab = m.vocab_size if layout.tp == 1 else m.padded_vocab_size // layout.tp
             transient = layout.micro_batch_size * cfg.seq_len * vocab * 4
-        stages.append(StageMemory(i, state_bytes(cfg, layout, i, device), act, buf, transient))
+        lazy = layout.grad_accum == 1 and (layout.world == 1 or (layout.zero_stage == 0 and not bf16_training(cfg)))
+        stages.append(StageMemory(i, state_bytes(cfg, layout, i, device), act, buf, transient, lazy))
     seconds = step_time(cfg, layout, step, gpus_per_node, device) if step is not None else None
     return Plan(cfg, layout, stages, gpu_memory, margin, seconds)
 
