@@ -359,10 +359,11 @@ def state_bytes(cfg: RunConfig, layout: Layout, stage: int, device: str = "cuda"
     1         fp32   4 F                     4 P (p.grad) + 4 F/dp           4 F/dp (a clone)   8 F/dp + 4/group
     1         bf16   2 F                     4 F (BF16_Optimizer, fp32)      4 F/dp             8 F/dp + 4/group
     2         any    2|4 F                   4 F/dp                          4 F/dp             8 F/dp + 4/group
-    3         any    2|4 sum ceil(n/dp)      4 F3/dp                         4 F3/dp            8 F3/dp + 4/group
+    3         any    2|4 (F3 + persistent)   4 F3                            4 F3               8 F3 + 4/group
     ========  =====  ======================  ==============================  =================  =================
 
-    P: this rank's parameter elements; F: P padded per group; F3: ZeRO 3's per-parameter partitions summed. Only
+    P: this rank's parameter elements; F: P padded per group; F3: ZeRO 3's per-parameter partitions ceil(n/dp)
+    summed; persistent: the elements of parameters at most param_persistence_threshold (kept whole too). Only
     adamw runs with ZeRO 1-3 or tensor parallelism (train/run.setup_layout refuses the others there)."""
     params = stage_parameters(cfg.model, layout, stage)
     shapes = [tuple(p.shape) for _, p in params]
@@ -398,11 +399,23 @@ def state_bytes(cfg: RunConfig, layout: Layout, stage: int, device: str = "cuda"
         out.params, out.grads, out.master, out.optimizer = w * flat, 4 * part, 4 * part, adam_part
     else:
         part3 = sum(math.ceil(math.prod(s) / dp) for s in shapes)
-        # stage3.py: each parameter's ds_tensor is ceil(numel / dp) elements; the fp32 groups flat over them
-        out.params = w * part3
+        # stage3.py: each parameter's ds_tensor is ceil(numel / dp) elements of one flat low-precision buffer, and the
+        # fp32 groups flat over them; a parameter of at most param_persistence_threshold elements (default 1e5) also
+        # stays whole on every rank (partition_parameters.py: ds_persist), the others are gathered while used
+        threshold = _zero3_persistence(cfg, layout, device)
+        persistent = sum(math.prod(s) for s in shapes if math.prod(s) <= threshold)
+        out.params = w * (part3 + persistent)
         out.grads = out.master = 4 * part3
         out.optimizer = 2 * 4 * part3 + 4 * len(groups)
     return out
+
+
+def _zero3_persistence(cfg: RunConfig, layout: Layout, device: str) -> int:
+    """zero_optimization.param_persistence_threshold of the generated DeepSpeed config (DeepSpeed's default 1e5)."""
+    from tplus_dist.parallel.engine import load_deepspeed_overrides
+
+    zo = load_deepspeed_overrides(cfg.parallel.deepspeed_config).get("zero_optimization", {})
+    return int(float(zo.get("param_persistence_threshold", 1e5)))
 
 
 # ----------------------------------------------------------------------------------------------- activations

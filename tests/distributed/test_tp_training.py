@@ -98,17 +98,21 @@ def run_and_gather(overrides: list[str]) -> Result:
 def allocated_state_bytes(trainer: Any) -> dict[str, int]:
     """What this rank really holds after its steps, each storage counted once at its full size: the model's weights
     (DeepSpeed's flat buffers, padding included, when it flattened them), the fp32 master partition DeepSpeed keeps
-    (ZeRO 1/2 single_partition_of_fp32_groups, its bf16 optimizer's fp32_groups_flat_partition), and the torch
+    (ZeRO 1/2 single_partition_of_fp32_groups, ZeRO 3 fp32_partitioned_groups_flat, its bf16 optimizer's
+    fp32_groups_flat_partition), and the torch
     optimizer's state tensors (the client optimizer DeepSpeed steps). Read from the objects, not from tplus plan."""
     engine = trainer.model
     module = getattr(engine, "module", engine)
     storages: dict[int, int] = {}
     for p in module.parameters():
-        st = p.untyped_storage()
-        storages[st.data_ptr()] = st.nbytes()
+        # ZeRO 3: p.data is whole for a persistent parameter (empty otherwise), ds_tensor its partition (a view of
+        # DeepSpeed's flat low-precision buffer)
+        for t in (p, getattr(p, "ds_tensor", None)):
+            if t is not None and t.untyped_storage().nbytes():
+                storages[t.untyped_storage().data_ptr()] = t.untyped_storage().nbytes()
     opt = trainer.optimizer
     master = 0
-    for name in ("single_partition_of_fp32_groups", "fp32_groups_flat_partition"):
+    for name in ("single_partition_of_fp32_groups", "fp32_groups_flat_partition", "fp32_partitioned_groups_flat"):
         for t in getattr(opt, name, None) or []:
             master += t.untyped_storage().nbytes()
     inner = getattr(opt, "optimizer", opt)
@@ -119,15 +123,13 @@ def allocated_state_bytes(trainer: Any) -> dict[str, int]:
 
 def check_plan_states(trainer: Any) -> None:
     """tplus plan's weights, master weights and optimizer states for this rank equal what the rank allocated
-    (exact bytes; ZeRO 3 is left out: its partitions are not flat groups, see tplus_dist/plan.py state_bytes)."""
+    (exact bytes)."""
     from tplus_dist.plan import Layout, state_bytes
 
     layout_info = getattr(trainer, "layout", None)
     groups = layout_info.groups if layout_info is not None else None
     world = layout_info.world if layout_info is not None else 1
     cfg = trainer.cfg
-    if cfg.parallel.zero_stage == 3 and world > 1:
-        return
     layout = Layout.from_config(cfg, world)
     stage = groups.pp_rank if groups is not None else 0
     predicted = state_bytes(cfg, layout, stage, device=trainer.device.type)
