@@ -550,6 +550,9 @@ def layer_saved_tensors(cfg: RunConfig, layout: Layout, dt: Dtypes, layer: int =
             Saved("q", rows * h * dh, a),
             Saved("k repeated to h heads", rows * h * dh, a, "core_attn"),
             Saved("v repeated to h heads", rows * h * dh, a, "core_attn"),
+            # recomputing the core keeps its inputs k and v (kv heads) instead of their repeated copies
+            Saved("k (recompute input)", rows * kv * dh, a, only_with="core_attn"),
+            Saved("v (recompute input)", rows * kv * dh, a, only_with="core_attn"),
         ]
         if sdpa:  # math path: softmax output in the activation dtype (and, with dropout, the dropped copy)
             o.append(Saved("probabilities", b * h * s * s, a, "core_attn"))
@@ -1155,6 +1158,18 @@ def main(argv: list[str]) -> int:
     plan = make_plan(cfg, layout, memory, margin, device, step, per_node)
     print(f"tplus plan: {cfg.log.name} on {nodes} x {per_node} GPUs of {gib(memory)} ({device})")
     print(plan.table())
+    if world > 1:
+        dtype = "bf16" if bf16_training(cfg, device) else "fp32"
+        per_stage = []
+        for z in range(4):
+            st = state_bytes(cfg, dataclasses.replace(layout, zero_stage=z), 0, device)
+            refused = " (refused with pipeline_parallel > 1)" if z >= 2 and layout.pp > 1 else ""
+            per_stage.append(
+                f"ZeRO {z}: {gib(st.params)} + {gib(st.grads)} + {gib(st.master)} + {gib(st.optimizer)} = "
+                f"{gib(st.total)}{refused}"
+            )
+        print(f"stage 0's weights + gradients + fp32 master + optimizer ({dtype}, {cfg.optim.name}) by ZeRO stage:")
+        print("  " + "\n  ".join(per_stage))
     if plan.seconds is not None:
         print(f"estimated step time {plan.seconds:.3f} s (tplus_dist/plan.py step_time; mfu {step.mfu})")
     print(plan.one_line())
