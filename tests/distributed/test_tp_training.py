@@ -85,6 +85,7 @@ def run_and_gather(overrides: list[str]) -> Result:
             trainer.val_data = UnevenTargets(trainer.val_data, ignore)
     history = trainer.fit()
     check_plan_states(trainer)
+    check_plan_activations(trainer)
     groups = getattr(trainer, "layout", None)
     groups = groups.groups if groups is not None else None
     state = full_state_dict(
@@ -136,6 +137,28 @@ def check_plan_states(trainer: Any) -> None:
     real = allocated_state_bytes(trainer)
     got = {"params": predicted.params, "master": predicted.master, "optimizer": predicted.optimizer}
     assert got == real, (layout.describe(), stage, got, real)
+
+
+def check_plan_activations(trainer: Any) -> None:
+    """tplus plan's saved-for-backward bytes of one micro-batch on this rank (its tensor-parallel share: megatron's
+    layers, the vocabulary-parallel loss) within 10% of autograd's (tplus_dist/memory.py), without a pipeline and
+    below ZeRO 3 (whose gathered weights are not parameters while a forward runs)."""
+    import os
+
+    from tplus_dist.memory import saved_tensor_bytes
+    from tplus_dist.plan import Layout, stage_activation_bytes
+
+    cfg = trainer.cfg.resolved()
+    world = trainer.layout.world if trainer.layout is not None else 1
+    if cfg.parallel.pipeline_parallel > 1 or cfg.parallel.zero_stage == 3:
+        return
+    module = getattr(trainer.model, "module", trainer.model)
+    tokens = torch.randint(0, cfg.model.vocab_size, (cfg.train.micro_batch_size, cfg.seq_len))
+    trainer.model.train()
+    exclude = [*module.parameters(), *module.buffers()]
+    measured = saved_tensor_bytes(lambda: trainer.loss_on(tokens, tokens), exclude=exclude)
+    predicted = stage_activation_bytes(cfg, Layout.from_config(cfg, world), 0, device="cpu").saved_per_micro_batch
+    assert abs(predicted - measured) <= 0.10 * measured, (os.environ.get("RANK"), world, predicted, measured)
 
 
 def metric_row(m: dict[str, Any]) -> list[float]:
