@@ -1,4 +1,4 @@
-"""`tplus`: train | config | verify-resume | export | launch | bench | prepare."""
+"""`tplus`: train | config | plan | verify-resume | export | launch | bench | prepare."""
 
 from __future__ import annotations
 
@@ -22,6 +22,10 @@ commands:
   config CONFIG [--section.key=value ...] [--provider te]
                                            print the resolved, validated config (with the te provider: which
                                            pieces run in Transformer Engine and which in torch)
+  plan CONFIG [--nodes N] [--gpus-per-node G] [--gpu-memory 80GiB] [--search] [...]
+                                           predicted per-GPU memory (weights, gradients, optimizer, activations
+                                           per pipeline stage, buffers) and whether it fits; --search ranks every
+                                           layout that fits by estimated step time (tplus plan --help)
   verify-resume CONFIG [...] --steps N [--at K] [--resume-with OVERRIDE ...]
                                            run N steps, and again stopped after step K, saved and resumed
                                            (on another layout with --resume-with); report whether the
@@ -150,6 +154,12 @@ def _provider_flag(argv: list[str]) -> list[str]:
     return out
 
 
+def cmd_plan(argv: list[str]) -> int:
+    from tplus_dist.plan import main as plan_main
+
+    return plan_main(argv)
+
+
 def cmd_bench(argv: list[str]) -> int:
     from tplus_dist.bench import main as bench_main
 
@@ -252,6 +262,7 @@ def cmd_export(argv: list[str]) -> int:
 COMMANDS = {
     "train": cmd_train,
     "config": cmd_config,
+    "plan": cmd_plan,
     "bench": cmd_bench,
     "prepare": cmd_prepare,
     "verify-resume": cmd_verify_resume,

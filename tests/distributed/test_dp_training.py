@@ -7,15 +7,27 @@ from pathlib import Path
 import pytest
 import torch
 
-from tests.distributed.test_tp_training import BASE, KEYS, fp32_run
+from tests.distributed.test_tp_training import BASE, KEYS, check_plan_activations, check_plan_states, fp32_run
 from tplus_dist.config import load_config
 from tplus_dist.spawn import run_distributed
-from tplus_dist.train.run import train
+from tplus_dist.train.run import build_trainer, train
 
 
 def _rank(rank: int, world: int, overrides: list[str], out: str) -> None:
+    """train()'s steps (build_trainer, then fit), and then tplus plan's weight, master-weight and optimizer-state
+    bytes checked against this rank's real allocation (check_plan_states: ZeRO 1 and 3 here), and its activations
+    against autograd's saved bytes (check_plan_activations)."""
     del world
-    _, history = train(load_config("configs/tiny.yaml", overrides))
+    from tplus_dist.parallel.groups import destroy_process_groups
+
+    trainer, _ = build_trainer(load_config("configs/tiny.yaml", overrides))
+    try:
+        history = trainer.fit()
+        check_plan_states(trainer)
+        check_plan_activations(trainer)
+    finally:
+        trainer.close()
+        destroy_process_groups()
     if rank == 0:
         torch.save([[m[k] for k in KEYS] for m in history], out)
 

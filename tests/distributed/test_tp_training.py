@@ -84,6 +84,8 @@ def run_and_gather(overrides: list[str]) -> Result:
         if trainer.val_data is not None:
             trainer.val_data = UnevenTargets(trainer.val_data, ignore)
     history = trainer.fit()
+    check_plan_states(trainer)
+    check_plan_activations(trainer)
     groups = getattr(trainer, "layout", None)
     groups = groups.groups if groups is not None else None
     state = full_state_dict(
@@ -92,6 +94,71 @@ def run_and_gather(overrides: list[str]) -> Result:
         pp_group=groups.pp if groups is not None else None,
     )
     return [metric_row(m) for m in history], state
+
+
+def allocated_state_bytes(trainer: Any) -> dict[str, int]:
+    """What this rank really holds after its steps, each storage counted once at its full size: the model's weights
+    (DeepSpeed's flat buffers, padding included, when it flattened them), the fp32 master partition DeepSpeed keeps
+    (ZeRO 1/2 single_partition_of_fp32_groups, ZeRO 3 fp32_partitioned_groups_flat, its bf16 optimizer's
+    fp32_groups_flat_partition), and the torch
+    optimizer's state tensors (the client optimizer DeepSpeed steps). Read from the objects, not from tplus plan."""
+    engine = trainer.model
+    module = getattr(engine, "module", engine)
+    storages: dict[int, int] = {}
+    for p in module.parameters():
+        # ZeRO 3: p.data is whole for a persistent parameter (empty otherwise), ds_tensor its partition (a view of
+        # DeepSpeed's flat low-precision buffer)
+        for t in (p, getattr(p, "ds_tensor", None)):
+            if t is not None and t.untyped_storage().nbytes():
+                storages[t.untyped_storage().data_ptr()] = t.untyped_storage().nbytes()
+    opt = trainer.optimizer
+    master = 0
+    for name in ("single_partition_of_fp32_groups", "fp32_groups_flat_partition", "fp32_partitioned_groups_flat"):
+        for t in getattr(opt, name, None) or []:
+            master += t.untyped_storage().nbytes()
+    inner = getattr(opt, "optimizer", opt)
+    inner = getattr(inner, "optimizer", inner) if not isinstance(inner, torch.optim.Optimizer) else inner
+    states = sum(v.numel() * v.element_size() for st in inner.state.values() for v in st.values() if torch.is_tensor(v))
+    return {"params": sum(storages.values()), "master": master, "optimizer": states}
+
+
+def check_plan_states(trainer: Any) -> None:
+    """tplus plan's weights, master weights and optimizer states for this rank equal what the rank allocated
+    (exact bytes)."""
+    from tplus_dist.plan import Layout, state_bytes
+
+    layout_info = getattr(trainer, "layout", None)
+    groups = layout_info.groups if layout_info is not None else None
+    world = layout_info.world if layout_info is not None else 1
+    cfg = trainer.cfg
+    layout = Layout.from_config(cfg, world)
+    stage = groups.pp_rank if groups is not None else 0
+    predicted = state_bytes(cfg, layout, stage, device=trainer.device.type)
+    real = allocated_state_bytes(trainer)
+    got = {"params": predicted.params, "master": predicted.master, "optimizer": predicted.optimizer}
+    assert got == real, (layout.describe(), stage, got, real)
+
+
+def check_plan_activations(trainer: Any) -> None:
+    """tplus plan's saved-for-backward bytes of one micro-batch on this rank (its tensor-parallel share: megatron's
+    layers, the vocabulary-parallel loss) within 10% of autograd's (tplus_dist/memory.py), without a pipeline and
+    below ZeRO 3 (whose gathered weights are not parameters while a forward runs)."""
+    import os
+
+    from tplus_dist.memory import saved_tensor_bytes
+    from tplus_dist.plan import Layout, stage_activation_bytes
+
+    cfg = trainer.cfg.resolved()
+    world = trainer.layout.world if trainer.layout is not None else 1
+    if cfg.parallel.pipeline_parallel > 1 or cfg.parallel.zero_stage == 3:
+        return
+    module = getattr(trainer.model, "module", trainer.model)
+    tokens = torch.randint(0, cfg.model.vocab_size, (cfg.train.micro_batch_size, cfg.seq_len))
+    trainer.model.train()
+    exclude = [*module.parameters(), *module.buffers()]
+    measured = saved_tensor_bytes(lambda: trainer.loss_on(tokens, tokens), exclude=exclude)
+    predicted = stage_activation_bytes(cfg, Layout.from_config(cfg, world), 0, device="cpu").saved_per_micro_batch
+    assert abs(predicted - measured) <= 0.10 * measured, (os.environ.get("RANK"), world, predicted, measured)
 
 
 def metric_row(m: dict[str, Any]) -> list[float]:

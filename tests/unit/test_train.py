@@ -259,7 +259,7 @@ def test_cli_surface_is_frozen(capsys: pytest.CaptureFixture[str]) -> None:
     """Other tools call these commands: changing them is a breaking change, so it must be deliberate."""
     from tplus_dist.cli import COMMANDS
 
-    assert sorted(COMMANDS) == ["bench", "config", "export", "launch", "prepare", "train", "verify-resume"]
+    assert sorted(COMMANDS) == ["bench", "config", "export", "launch", "plan", "prepare", "train", "verify-resume"]
     assert main(["--help"]) == 0
     assert main(["nope"]) == 2
 

@@ -666,6 +666,18 @@ def train_run(cfg: RunConfig, run_dir: Path | None = None) -> RunResult:
             stop.uninstall()
 
 
+def _plan_line(cfg: RunConfig, trainer: Trainer) -> str:
+    """tplus plan's one-line prediction for this run (tplus_dist/plan.py); a model the plan cannot describe yet is
+    named rather than stopping the run (the prediction is advice, not a precondition)."""
+    from tplus_dist.plan import train_start_line
+
+    world = trainer.layout.world if trainer.layout is not None else 1
+    try:
+        return train_start_line(cfg.resolved(), world, trainer.device)
+    except Exception as e:  # advice only: a model choice the memory model cannot build is named, and the run goes on
+        return f"tplus: plan: no prediction for this run ({type(e).__name__}: {e})"
+
+
 def _train(cfg: RunConfig, run_dir: Path | None, stop: Any) -> RunResult:
     distributed = int(os.environ.get("WORLD_SIZE", "1")) > 1
     failed = True
@@ -676,10 +688,15 @@ def _train(cfg: RunConfig, run_dir: Path | None, stop: Any) -> RunResult:
             layout = trainer.layout.groups.dims if trainer.layout is not None and trainer.layout.groups else None
             where = f"{layout}" if distributed else str(trainer.device)
             print(f"tplus: {n / 1e6:.2f}M parameters on {where}; writing {run_dir}", flush=True)
+            print(_plan_line(cfg, trainer), flush=True)
         try:
             history = trainer.fit()
         finally:
             trainer.close()
+        if (not distributed or int(os.environ.get("RANK", "0")) == 0) and trainer.state.step > 0:
+            from tplus_dist.plan import train_end_line
+
+            print(train_end_line(trainer.device), flush=True)
         from tplus_dist.checkpoint.hook import CheckpointHook
 
         saved = next((h.saved for h in trainer.hooks if isinstance(h, CheckpointHook)), None)
