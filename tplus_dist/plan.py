@@ -487,7 +487,10 @@ def layer_saved_tensors(cfg: RunConfig, layout: Layout, dt: Dtypes, layer: int =
     """Every tensor one decoder block (model/block.py, attention.py, mlp.py) saves for backward on one
     tensor-parallel rank, per micro-batch of b sequences of s tokens, in the order the forward saves them.
 
-    Per linear: its input (the autocast copy under bf16); the weight is a parameter (not an activation). Rotary
+    Per linear: its input (the autocast copy under bf16); the weight is a parameter (not an activation). Under
+    sequence parallelism a column-parallel linear (megatron's LinearWithGradAccumulationAndAsyncCommunication)
+    saves this rank's part of its input and gathers it again in backward, but replicated key/value projections
+    (fewer kv heads than ranks) gather it themselves and each saves the whole gathered [b*s, d]. Rotary
     saves only its cos/sin tables (buffers, shared by every layer: not counted). SDPA (flash, or torch's CPU flash
     kernel) saves q, k, v, its output and the logsumexp [b, h, s] (the output's [b, s, h, d] layout makes wo's input
     a view of it: counted once); with an additive mask (ALiBi, a window, a learned bias) the [h|1, s, s] mask too.
@@ -598,6 +601,11 @@ def layer_saved_tensors(cfg: RunConfig, layout: Layout, dt: Dtypes, layer: int =
     if pre:
         out += norm("norm1")
     out.append(linear_in("q/k/v", True))
+    if layout.sequence_parallel and tp > 1 and kv_total % tp:
+        # fewer kv heads than ranks: w_k and w_v are replicated linears (megatron_provider.ReplicatedLinear), each
+        # gathering the whole sequence itself before its F.linear, which saves that gathered input: two [b*s, d]
+        # copies, not sharded (the column-parallel w_q saves only this rank's part and gathers again in backward)
+        out += [Saved(f"{t} input, gathered whole (replicated under SP)", rows * d, a) for t in ("w_k", "w_v")]
     out += attention()
     if placement in ("sandwich", "reordered"):
         out += norm("post_attn_norm")
