@@ -47,7 +47,7 @@ RECOMPUTE_MODULES = ("core_attn", "mlp_act", "layernorm")
 # ----------------------------------------------------------------------------------------------- parsing sizes
 
 _UNITS = {
-    "": 1, "b": 1,
+    "b": 1,
     "kb": 10**3, "mb": 10**6, "gb": 10**9, "tb": 10**12,
     "kib": 2**10, "mib": 2**20, "gib": 2**30, "tib": 2**40,
     "k": 10**3, "m": 10**6, "g": 10**9, "t": 10**12,
@@ -55,8 +55,9 @@ _UNITS = {
 
 
 def parse_bytes(text: str, name: str = "--gpu-memory") -> int:
-    """'80GiB', '141GB', '80 gib', '1e9' -> bytes (int). Decimal units (kB, MB, GB, TB) are powers of 1000, binary
-    ones (KiB, MiB, GiB, TiB) of 1024. Raises ConfigError naming ``name`` for anything else."""
+    """'80GiB', '141GB', '80 gib', '1e9B' -> bytes (int). Decimal units (kB, MB, GB, TB) are powers of 1000, binary
+    ones (KiB, MiB, GiB, TiB) of 1024. A bare number ('80') is refused: read as bytes it would silently plan for an
+    80-byte GPU. Raises ConfigError naming ``name`` for anything else."""
     m = re.fullmatch(r"\s*([0-9]*\.?[0-9]+(?:[eE][+-]?[0-9]+)?)\s*([A-Za-z]*)\s*", str(text))
     if m is None or m.group(2).lower() not in _UNITS:
         raise ConfigError(

@@ -189,7 +189,7 @@ def test_parse_bytes() -> None:
     assert parse_bytes("80GiB") == 80 * 2**30
     assert parse_bytes("141GB") == 141 * 10**9
     assert parse_bytes("1.5 gib") == int(1.5 * 2**30)
-    for bad in ("eighty", "80 GiBs", "-1GB", "0GB"):
+    for bad in ("eighty", "80 GiBs", "-1GB", "0GB", "80"):
         with pytest.raises(ConfigError, match="--gpu-memory"):
             parse_bytes(bad)
 
