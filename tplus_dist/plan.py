@@ -1158,6 +1158,7 @@ def main(argv: list[str]) -> int:
         number("--inter-node-gbps", 50.0),
     )  # fmt: skip
     check(step.mfu <= 1, "--mfu", f"({step.mfu}) is a fraction of the peak: at most 1")
+    top = number("--top", 10, int)  # checked before anything is printed, as every flag is
     device = opts.get("--device", "cuda")
     check(device in ("cuda", "cpu"), "--device", f"must be cuda or cpu, got {device!r}")
     cfg = load_config(config, overrides).resolved()
@@ -1184,7 +1185,6 @@ def main(argv: list[str]) -> int:
     print(plan.one_line())
     if search_all:
         fitting, n = search(cfg, world, memory, margin, step, per_node, device)
-        top = number("--top", 10, int)
         print(f"\nsearch: {n} layouts the project accepts on {world} GPUs, {len(fitting)} fit; fastest first:")
         for p in fitting[:top]:
             print(f"  {p.seconds:8.3f} s  peak {gib(p.peak.total):>10}  {p.layout.describe()}")
