@@ -525,12 +525,16 @@ class ParallelConfig:
             mods == ["core_attn"] or g == "selective",
             p + "recompute_modules",
             f"({mods}) names the pieces selective recompute recomputes, and recompute_granularity is {g} "
-            "(full recomputes whole layers); set recompute_granularity selective or leave it null",
+            "(full recomputes whole layers); set recompute_granularity selective or leave recompute_modules unset",
         )
         bad = [m for m in mods if m not in RECOMPUTE_MODULES]
         check(
-            not bad, p + "recompute_modules", f"has {bad[:1]}, not a piece; choose from {', '.join(RECOMPUTE_MODULES)}"
+            not bad,
+            p + "recompute_modules",
+            f"{bad[0]!r} is not a piece selective recompute knows; choose from {', '.join(RECOMPUTE_MODULES)}",
         )
+        twice = sorted({m for m in mods if mods.count(m) > 1})
+        check(not twice, p + "recompute_modules", f"names {', '.join(twice)} more than once; name each piece once")
         check(
             len(mods) > 0 or g != "selective",
             p + "recompute_modules",
