@@ -527,11 +527,11 @@ class ParallelConfig:
             f"({mods}) names the pieces selective recompute recomputes, and recompute_granularity is {g} "
             "(full recomputes whole layers); set recompute_granularity selective or leave recompute_modules unset",
         )
-        bad = [m for m in mods if m not in RECOMPUTE_MODULES]
+        bad = next((m for m in mods if m not in RECOMPUTE_MODULES), None)
         check(
-            not bad,
+            bad is None,
             p + "recompute_modules",
-            f"{bad[0]!r} is not a piece selective recompute knows; choose from {', '.join(RECOMPUTE_MODULES)}",
+            f"{bad!r} is not a piece selective recompute knows; choose from {', '.join(RECOMPUTE_MODULES)}",
         )
         twice = sorted({m for m in mods if mods.count(m) > 1})
         check(not twice, p + "recompute_modules", f"names {', '.join(twice)} more than once; name each piece once")
