@@ -128,7 +128,11 @@ class Layout:
             grad_accum=cfg.train.grad_accum,
             recompute=granularity,
             recompute_method=method if granularity == "full" else None,
-            recompute_num_layers=(layers or 1) if granularity == "full" else None,
+            # full's defaults as ParallelConfig.recompute_plan fills them: uniform 1; block None = every layer of the
+            # stage (virtual chunk), as train/recompute.py applies it
+            recompute_num_layers=(layers if layers is not None or method == "block" else 1)
+            if granularity == "full"
+            else None,
             recompute_modules=modules,
             sequence_parallel=p.sequence_parallel,
         )
@@ -136,7 +140,7 @@ class Layout:
     def describe(self) -> str:
         rc = self.recompute
         if rc == "full":
-            rc = f"full {self.recompute_method or 'uniform'} {self.recompute_num_layers or 1}"
+            rc = f"full {self.recompute_method or 'uniform'} {self.recompute_num_layers or 'all'}"
         elif rc == "selective":
             rc = "selective " + "+".join(self.recompute_modules)
         vpp = f" vpp {self.vpp}" if self.vpp > 1 else ""
@@ -721,8 +725,9 @@ def stage_activation_bytes(cfg: RunConfig, layout: Layout, stage: int, device: s
     for layers in chunks:
         per = [layer_activation_bytes(cfg, layout, dt, i) for i in layers]
         if layout.recompute == "full":
-            k = layout.recompute_num_layers or 1
-            if (layout.recompute_method or "uniform") == "uniform":
+            block = layout.recompute_method == "block"
+            k = layout.recompute_num_layers or (len(per) if block else 1)
+            if not block:
                 groups = [per[i : i + k] for i in range(0, len(per), k)]
                 total = boundary * len(groups)
                 working = max(working, max(sum(g) for g in groups))
