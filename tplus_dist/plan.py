@@ -32,6 +32,7 @@ import math
 import re
 from collections.abc import Iterator
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from tplus_dist.config.base import ConfigError, check
@@ -1171,7 +1172,9 @@ def main(argv: list[str]) -> int:
     layout = Layout.from_config(cfg, world)  # ConfigError naming the field when the layout does not divide world
     check_layout(cfg, layout)
     plan = make_plan(cfg, layout, memory, margin, device, step, per_node)
-    print(f"tplus plan: {cfg.log.name} on {nodes} x {per_node} GPUs of {gib(memory)} ({device})")
+    # a model preset (configs/models/*.yaml) sets no log.name: name it by its file rather than the default "run"
+    title = cfg.log.name if cfg.log.name != "run" else Path(config).stem
+    print(f"tplus plan: {title} on {nodes} x {per_node} GPUs of {gib(memory)} ({device})")
     print(plan.table())
     if world > 1:
         dtype = "bf16" if bf16_training(cfg, device) else "fp32"
