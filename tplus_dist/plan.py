@@ -858,7 +858,8 @@ def step_time(cfg: RunConfig, layout: Layout, model: StepModel, gpus_per_node: i
                   gather; ZeRO paper section 7) over the DP link, not overlapped
         pp comm = 2 (pp - 1) sends of b*s*d per micro-batch over the PP link
 
-    flops_per_token is model_flops_per_token (6N + 12 L d s); full recompute adds one forward (x 4/3), selective
+    flops_per_token is model_flops_per_token (6N + 12 L d s); full recompute adds one forward (x 4/3; block k of
+    a chunk's layers only those k: x (1 + k / (3 x layers per chunk))), selective
     core_attn the attention scores' forward (4 L d s per token). The link is intra-node when the group fits in a node
     (tp first, then dp: megatron's rank order), else inter-node."""
     from tplus_dist.model.decoder import model_flops_per_token
@@ -872,7 +873,11 @@ def step_time(cfg: RunConfig, layout: Layout, model: StepModel, gpus_per_node: i
         _FLOPS_CACHE[key] = model_flops_per_token(m, s)
     fpt = _FLOPS_CACHE[key]
     if layout.recompute == "full":
-        fpt *= 4 / 3
+        frac = 1.0  # uniform recomputes every layer; block only the first k of each chunk (None: all of them)
+        if layout.recompute_method == "block" and layout.recompute_num_layers is not None:
+            per_chunk = max(1, m.n_layers // (layout.pp * layout.vpp))
+            frac = min(layout.recompute_num_layers, per_chunk) / per_chunk
+        fpt *= 1 + frac / 3
     elif layout.recompute == "selective" and "core_attn" in layout.recompute_modules:
         fpt += 4 * m.n_layers * m.n_heads * m.dim_head * s
     flops = fpt * tokens / (layout.tp * layout.pp)
