@@ -73,6 +73,8 @@ def _modes(cfg: RunConfig) -> list[tuple[str, list[str]]]:
                                 "--parallel.recompute_num_layers=1"]),
             ("full-block-1", ["--parallel.recompute_granularity=full", "--parallel.recompute_method=block",
                               "--parallel.recompute_num_layers=1"]),
+            # block without recompute_num_layers: every layer of the stage (plan once counted one)
+            ("full-block-all", ["--parallel.recompute_granularity=full", "--parallel.recompute_method=block"]),
             ("selective-core_attn", ["--parallel.recompute_granularity=selective",
                                      "--parallel.recompute_modules=[core_attn]"]),
             ("selective-all", ["--parallel.recompute_granularity=selective",
