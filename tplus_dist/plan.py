@@ -395,7 +395,10 @@ def state_bytes(cfg: RunConfig, layout: Layout, stage: int, device: str = "cuda"
         elif layout.pp == 1:
             out.params = out.grads = 2 * P
             out.optimizer = optimizer_state_bytes(cfg, shapes, 2)
-            out.notes.append("bf16 ZeRO 0: DeepSpeed's DDP_BFLOAT16 steps the bf16 weights (no fp32 master)")
+            out.notes.append(
+                "bf16 ZeRO 0: DeepSpeed's DDP_BFLOAT16 steps the bf16 weights with bf16 optimizer states (no fp32 "
+                "master: updates smaller than bf16's precision are lost); parallel.zero_stage 1 keeps an fp32 master"
+            )
         else:
             out.params, out.grads, out.master, out.optimizer = 2 * flat, 2 * flat, 4 * part, adam_part
     elif z == 1:
@@ -1193,6 +1196,8 @@ def main(argv: list[str]) -> int:
             )
         print(f"stage 0's weights + gradients + fp32 master + optimizer ({dtype}, {cfg.optim.name}) by ZeRO stage:")
         print("  " + "\n  ".join(per_stage))
+    for note in dict.fromkeys(n for st in plan.stages for n in st.states.notes):  # each once, in order
+        print(f"note: {note}")
     if plan.seconds is not None:
         print(f"estimated step time {plan.seconds:.3f} s (tplus_dist/plan.py step_time; mfu {step.mfu})")
     print(plan.one_line())

@@ -222,6 +222,10 @@ def test_plan_command_fits_and_does_not_fit() -> None:
     ok = run("configs/gpt2-124m.yaml", "--gpu-memory", "80GiB", "--gpus-per-node", "2")
     assert ok.returncode == 0, ok.stderr
     assert "fits in" in ok.stdout and "stage" in ok.stdout
+    # bf16 ZeRO 0 keeps no fp32 master weights (DeepSpeed's DDP_BFLOAT16 path): said, not only counted
+    z0 = run("configs/gpt2-124m.yaml", "--gpus-per-node", "2", "--parallel.zero_stage=0")
+    assert "note: bf16 ZeRO 0" in z0.stdout and "no fp32 master" in z0.stdout, z0.stdout + z0.stderr
+    assert "no fp32 master" not in ok.stdout
     small = run("configs/llama-1.1b.yaml", "--gpu-memory", "8GiB", "--gpus-per-node", "2", "--search")
     assert small.returncode == 1, small.stdout + small.stderr
     assert "does NOT fit" in small.stdout and "does not fit" in small.stdout

@@ -341,8 +341,11 @@ class TrainConfig:
 
 @dataclass
 class PrecisionConfig:
-    """Numerics. fp32 master weights always (the optimizer's copy); autocast for the matmuls, and optionally FP8
-    GEMMs through Transformer Engine (model.provider te). Written against Transformer Engine 2.20.2."""
+    """Numerics. fp32 master weights (the optimizer's copy), with one exception: bf16 with several processes, ZeRO 0
+    and no pipeline goes through DeepSpeed's DDP_BFLOAT16, which steps the bf16 weights themselves with bf16
+    optimizer states (engine.py _do_optimizer_sanity_check; `tplus plan` counts it so and prints a note); use
+    zero_stage 1 for fp32 master weights there. Autocast for the matmuls, and optionally FP8 GEMMs through
+    Transformer Engine (model.provider te). Written against Transformer Engine 2.20.2."""
 
     dtype: Literal["auto", "fp32", "bf16"] = "auto"
     """auto: bf16 autocast on GPU, fp32 on CPU."""
