@@ -18,7 +18,7 @@ from typing import Any
 import pytest
 import torch
 
-from tests.distributed.test_tp_training import BASE, compare, metric_row
+from tests.distributed.test_tp_training import BASE, compare, metric_row, whole_parameters
 from tplus_dist.config import load_config
 from tplus_dist.spawn import run_distributed
 from tplus_dist.train.hooks import Hook
@@ -65,19 +65,13 @@ def unchanged(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor]) -> bool:
 
 
 def run_layout(overrides: list[str]) -> dict[str, Any]:
-    from tplus_dist.parallel.state import full_state_dict
     from tplus_dist.train.run import build_trainer
 
     trainer, _ = build_trainer(load_config("configs/tiny.yaml", overrides))
     snaps = LocalSnapshots()
     trainer.hooks.append(snaps)
     history = trainer.fit()
-    groups = trainer.layout.groups if trainer.layout is not None else None
-    params = full_state_dict(
-        trainer.model,
-        tp_group=groups.tp if groups is not None else None,
-        pp_group=groups.pp if groups is not None else None,
-    )
+    params = whole_parameters(trainer)
     t = snaps.taken
     return {
         "rows": [metric_row(m) for m in history],

@@ -13,7 +13,7 @@ from typing import Any
 import pytest
 import torch
 
-from tests.distributed.test_tp_training import BASE, metric_row
+from tests.distributed.test_tp_training import BASE, metric_row, whole_parameters
 from tplus_dist.spawn import run_distributed
 
 DROPOUT = ["--model.attn_dropout=0.1", "--model.resid_dropout=0.1", "--model.embed_dropout=0.1"]
@@ -66,19 +66,12 @@ MARKED = {
 def run_and_gather(overrides: list[str]) -> tuple[int, list[list[float]], dict[str, torch.Tensor]]:
     """Train 5 steps as configured: the modules recompute wraps, the per-step metrics and the final parameters."""
     from tplus_dist.config import load_config
-    from tplus_dist.parallel.state import full_state_dict
     from tplus_dist.train.run import build_trainer
 
     trainer, _ = build_trainer(load_config("configs/tiny.yaml", overrides))
     marked = sum(getattr(m, "_tplus_recompute", None) is not None for m in trainer.model.modules())
     history = trainer.fit()
-    groups = trainer.layout.groups if trainer.layout is not None else None
-    state = full_state_dict(
-        trainer.model,
-        tp_group=groups.tp if groups is not None else None,
-        pp_group=groups.pp if groups is not None else None,
-    )
-    return marked, [metric_row(m) for m in history], state
+    return marked, [metric_row(m) for m in history], whole_parameters(trainer)
 
 
 def _rank(rank: int, world: int, tmp: str, out: str) -> None:

@@ -74,8 +74,6 @@ class UnevenTargets:
 def run_and_gather(overrides: list[str]) -> Result:
     """Train 5 steps as configured; the per-step metrics (KEYS, then val_loss, ce and z_loss, -1 where absent) and the
     whole model's final parameters. With :data:`UNEVEN` among the overrides, the targets are made uneven."""
-    from tplus_dist.parallel.state import full_state_dict
-
     made_uneven = UNEVEN in overrides
     trainer, _ = build_trainer(load_config("configs/tiny.yaml", [o for o in overrides if o != UNEVEN]))
     if made_uneven:
@@ -86,14 +84,20 @@ def run_and_gather(overrides: list[str]) -> Result:
     history = trainer.fit()
     check_plan_states(trainer)
     check_plan_activations(trainer)
-    groups = getattr(trainer, "layout", None)
-    groups = groups.groups if groups is not None else None
-    state = full_state_dict(
+    return [metric_row(m) for m in history], whole_parameters(trainer)
+
+
+def whole_parameters(trainer: Any) -> dict[str, torch.Tensor]:
+    """The whole model's parameters, gathered over this rank's tensor- and pipeline-parallel groups (every rank of
+    the groups must call it)."""
+    from tplus_dist.parallel.state import full_state_dict
+
+    groups = trainer.layout.groups if trainer.layout is not None else None
+    return full_state_dict(
         trainer.model,
         tp_group=groups.tp if groups is not None else None,
         pp_group=groups.pp if groups is not None else None,
     )
-    return [metric_row(m) for m in history], state
 
 
 def allocated_state_bytes(trainer: Any) -> dict[str, int]:
